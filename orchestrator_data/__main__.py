@@ -1,0 +1,5 @@
+"""``python -m orchestrator_data`` runs the CLI."""
+
+from orchestrator_data.cli import main
+
+main()

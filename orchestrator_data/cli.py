@@ -1,0 +1,166 @@
+"""The ``orchestrator-data`` command line: demo, migrations, embedded servers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from orchestrator_data.config import redact_url
+from orchestrator_data.datalayer import DataLayer
+from orchestrator_data.errors import OrchestratorDataError
+from orchestrator_data.servers import resolve_settings
+
+
+@click.group()
+@click.option(
+    "--data-dir",
+    default=None,
+    help="Folder of the embedded servers (default ./.orchestrator_data), used when "
+    "DATABASE_URL / REDIS_URL are not set.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: str | None, verbose: bool) -> None:
+    """PostgreSQL + Redis persistence layer of the agent orchestrator."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = {"data_dir": data_dir}
+
+
+@cli.command()
+@click.option("--agents", default=8, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--tasks", default=200, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option("--failure-rate", default=0.2, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--seed", default=None, type=int, help="Seed for repeatable runs.")
+@click.pass_context
+def demo(
+    ctx: click.Context, agents: int, tasks: int, workers: int, failure_rate: float, seed: int | None
+) -> None:
+    """Migrate, register agents, enqueue tasks, and let agents work them off."""
+    from orchestrator_data.demo import run_demo
+
+    with resolve_settings(data_dir=ctx.obj["data_dir"]) as settings:
+        click.echo(f"database: {redact_url(settings.database_url or '')}")
+        click.echo(f"redis:    {redact_url(settings.redis_url or '')}")
+        with DataLayer(settings.with_overrides(pool_max=max(settings.pool_max, workers + 2))) as dl:
+            dl.migrate("head")
+            with click.progressbar(length=tasks, label="tasks done") as bar:
+                report = run_demo(
+                    dl,
+                    agents=agents,
+                    tasks=tasks,
+                    workers=workers,
+                    failure_rate=failure_rate,
+                    seed=seed,
+                    on_progress=bar.update,
+                )
+    click.echo("")
+    click.echo(f"run {report.run_id}: {report.agents} agents, {report.tasks} tasks")
+    click.echo(f"  finished in {report.seconds:.2f} s")
+    for status in ("pending", "assigned", "in_progress", "completed", "failed"):
+        click.echo(f"  {status:<12} {report.by_status.get(status, 0):>7}")
+    click.echo(f"  failed attempts (retried or final): {report.attempts_failed}")
+    click.echo(f"  transactions: {report.transactions} ({report.ops_per_second:.0f}/s)")
+    click.echo(f"  serialization retries: {report.retries}")
+
+
+@cli.group()
+def migrate() -> None:
+    """Schema migrations (alembic): up, down, create, status."""
+
+
+@migrate.command("up")
+@click.argument("revision", default="head")
+@click.pass_context
+def migrate_up(ctx: click.Context, revision: str) -> None:
+    """Apply migrations up to REVISION (default head)."""
+    with _data_layer(ctx) as dl:
+        dl.migrate(revision)
+        click.echo(f"database at revision {dl.current_revision()}")
+
+
+@migrate.command("down")
+@click.argument("revision", default="-1")
+@click.pass_context
+def migrate_down(ctx: click.Context, revision: str) -> None:
+    """Roll back to REVISION (default: one step back; 'base' removes everything)."""
+    with _data_layer(ctx) as dl:
+        dl.downgrade(revision)
+        click.echo(f"database at revision {dl.current_revision() or 'base'}")
+
+
+@migrate.command("status")
+@click.pass_context
+def migrate_status(ctx: click.Context) -> None:
+    """Show the current revision and the pending ones."""
+    from alembic.script import ScriptDirectory
+
+    with _data_layer(ctx) as dl:
+        script = ScriptDirectory.from_config(dl._alembic_config())
+        current = dl.current_revision()
+        head = script.get_current_head()
+        click.echo(f"current: {current or 'base'}")
+        click.echo(f"head:    {head}")
+        pending = [
+            rev
+            for rev in reversed(list(script.walk_revisions()))
+            if current is None or rev.revision > current
+        ]
+        for rev in pending:
+            click.echo(f"pending: {rev.revision} {rev.doc.splitlines()[0] if rev.doc else ''}")
+        if not pending:
+            click.echo("up to date")
+
+
+@migrate.command("create")
+@click.argument("name")
+@click.option("--empty", is_flag=True, help="Do not autogenerate from the models.")
+@click.pass_context
+def migrate_create(ctx: click.Context, name: str, empty: bool) -> None:
+    """Create migration NNN_NAME, autogenerated from the models' difference
+    with the database unless --empty."""
+    from alembic.script import ScriptDirectory
+
+    from alembic import command
+
+    with _data_layer(ctx) as dl:
+        cfg = dl._alembic_config()
+        head = ScriptDirectory.from_config(cfg).get_current_head() or "000"
+        rev_id = f"{int(head) + 1:03d}" if head.isdigit() else None
+        with dl.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            script = command.revision(cfg, message=name, autogenerate=not empty, rev_id=rev_id)
+        path = getattr(script, "path", None)
+        click.echo(f"created {Path(path).name if path else rev_id}")
+
+
+@contextmanager
+def _data_layer(ctx: click.Context) -> Iterator[DataLayer]:
+    with (
+        resolve_settings(data_dir=ctx.obj["data_dir"]) as settings,
+        DataLayer(settings.with_overrides(warm_pool=False)) as dl,
+    ):
+        yield dl
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``orchestrator-data``; package errors become one clear line."""
+    try:
+        cli.main(args=argv, prog_name="orchestrator-data", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except OrchestratorDataError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)

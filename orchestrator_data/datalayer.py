@@ -1,0 +1,266 @@
+"""DataLayer: the composition root. Builds the engine, the session factory,
+the Redis clients and the hooks from Settings, and hands out units of work."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis as redis_lib
+from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import sessionmaker
+
+from orchestrator_data import dberrors
+from orchestrator_data.actor import Actor, current_actor
+from orchestrator_data.config import ISOLATION_LEVELS, Settings
+from orchestrator_data.engine import build_engine, warm_pool
+from orchestrator_data.errors import ConfigurationError, DatabaseTimeoutError
+from orchestrator_data.metrics import Metrics
+from orchestrator_data.transaction import run_with_retry
+from orchestrator_data.uow import UnitOfWork
+
+log = logging.getLogger("orchestrator_data")
+
+T = TypeVar("T")
+
+_ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+
+
+class DataLayer:
+    """Everything the data layer needs, built from :class:`Settings`.
+
+    Construction opens ``pool_min`` database connections (``warm_pool``); Redis
+    clients connect on first use. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        if not self.settings.database_url:
+            raise ConfigurationError(
+                "DATABASE_URL is not set: pass Settings(database_url=...) or set the variable "
+                "(the CLI starts embedded servers when it is missing)"
+            )
+        self.metrics = Metrics()
+        self.engine: Engine = build_engine(self.settings, self.metrics)
+        event.listen(self.engine, "handle_error", _translate_error)
+        # One factory per (isolation, read-only) pair: the option engines carry
+        # the isolation level into psycopg2's BEGIN, costing no extra round trip.
+        self._factories: dict[tuple[str, bool], sessionmaker[OrmSession]] = {}
+        for level in ISOLATION_LEVELS:
+            for read_only in (False, True):
+                options: dict[str, Any] = {"isolation_level": level}
+                if read_only:
+                    options["postgresql_readonly"] = True
+                    options["postgresql_deferrable"] = level == "SERIALIZABLE"
+                self._factories[(level, read_only)] = sessionmaker(
+                    bind=self.engine.execution_options(**options),
+                    expire_on_commit=False,
+                    autoflush=True,
+                )
+        self._redis: Redis[bytes] | None = None
+        self._coordination_redis: Redis[bytes] | None = None
+        self._closed = False
+        if self.settings.warm_pool and self.settings.pool_min > 0:
+            warm_pool(self.engine, self.settings.pool_min)
+
+    # -- sessions and transactions -------------------------------------------
+
+    def session_factories(self) -> list[sessionmaker[OrmSession]]:
+        """Every session factory this DataLayer uses (to attach session events to)."""
+        return list(self._factories.values())
+
+    @contextmanager
+    def unit_of_work(
+        self,
+        actor: Actor | None = None,
+        isolation: str | None = None,
+        read_only: bool = False,
+    ) -> Iterator[UnitOfWork]:
+        """A unit of work: one transaction at ``isolation`` (default
+        SERIALIZABLE), ``READ ONLY DEFERRABLE`` when ``read_only`` at
+        SERIALIZABLE. Commit with ``uow.commit()``; leaving the block
+        without it rolls back.
+
+        Raises :class:`DatabaseTimeoutError` when no connection becomes free
+        within ``pool_timeout``.
+        """
+        level = (isolation or self.settings.default_isolation).upper()
+        factory = self._factories.get((level, bool(read_only)))
+        if factory is None:
+            raise ConfigurationError(f"isolation must be one of {sorted(ISOLATION_LEVELS)}")
+        session = factory()
+        try:
+            # Check out the connection now, so a full pool fails here, clearly.
+            session.connection()
+        except sa_exc.TimeoutError:
+            session.close()
+            raise DatabaseTimeoutError(
+                f"no database connection became free within {self.settings.pool_timeout:g} s "
+                f"(pool_max={self.settings.pool_max}); raise pool_max or pool_timeout, "
+                "or hold units of work for less time"
+            ) from None
+        uow = UnitOfWork(
+            session, actor=actor or current_actor(), isolation=level, read_only=read_only
+        )
+        outcome = "rollback"
+        try:
+            yield uow
+            if uow.committed:
+                outcome = "commit"
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            session.close()
+            self.metrics.transactions.labels(outcome=outcome).inc()
+
+    def run_in_transaction(
+        self,
+        fn: Callable[[UnitOfWork], T],
+        *,
+        actor: Actor | None = None,
+        isolation: str | None = None,
+        read_only: bool = False,
+        retries: int | None = None,
+    ) -> T:
+        """Run ``fn(uow)`` in a fresh unit of work and commit. On a serialization
+        failure or deadlock the *whole* function runs again in a new transaction
+        (at most ``retries`` times, default ``Settings.max_retries``), with
+        jittered exponential backoff; then :class:`RetryExhaustedError`.
+        ``fn`` must therefore have no side effects outside the transaction."""
+
+        def attempt() -> T:
+            with self.unit_of_work(actor=actor, isolation=isolation, read_only=read_only) as uow:
+                result = fn(uow)
+                uow.commit()
+                return result
+
+        with self.metrics.transaction_seconds.time():
+            return run_with_retry(
+                attempt,
+                retries=self.settings.max_retries if retries is None else retries,
+                backoff_base=self.settings.retry_backoff_base,
+                backoff_max=self.settings.retry_backoff_max,
+                metrics=self.metrics,
+            )
+
+    # -- Redis -----------------------------------------------------------------
+
+    @property
+    def redis(self) -> Redis[bytes]:
+        """The Redis client for caching (``REDIS_URL``); connects on first use."""
+        if self._redis is None:
+            self._redis = self._make_redis(self.settings.redis_url, "REDIS_URL")
+        return self._redis
+
+    @property
+    def coordination_redis(self) -> Redis[bytes]:
+        """The Redis for locks, sessions and queues (``COORDINATION_REDIS_URL``,
+        defaulting to ``REDIS_URL``)."""
+        if self.settings.coordination_redis_url in (None, self.settings.redis_url):
+            return self.redis
+        if self._coordination_redis is None:
+            self._coordination_redis = self._make_redis(
+                self.settings.coordination_redis_url, "COORDINATION_REDIS_URL"
+            )
+        return self._coordination_redis
+
+    def key(self, name: str) -> str:
+        """``name`` under this DataLayer's key prefix."""
+        return self.settings.key_prefix + name
+
+    def _make_redis(self, url: str | None, env_name: str) -> Redis[bytes]:
+        if not url:
+            raise ConfigurationError(f"{env_name} is not set")
+        s = self.settings
+        return redis_lib.Redis.from_url(
+            url,
+            socket_connect_timeout=s.redis_connect_timeout,
+            socket_timeout=s.redis_command_timeout,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), s.redis_max_retries),
+            retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError],
+            health_check_interval=30,
+        )
+
+    # -- migrations ----------------------------------------------------------
+
+    def _alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        if not (_ALEMBIC_DIR / "env.py").exists():
+            raise ConfigurationError(
+                f"alembic scripts not found at {_ALEMBIC_DIR}; install the project from its "
+                "source tree (pip install -e .)"
+            )
+        cfg = Config(str(_ALEMBIC_DIR.parent / "alembic.ini"))
+        cfg.set_main_option("script_location", str(_ALEMBIC_DIR))
+        return cfg
+
+    def migrate(self, revision: str = "head") -> None:
+        """Upgrade the database schema to ``revision`` (alembic)."""
+        from alembic import command
+
+        cfg = self._alembic_config()
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+
+    def downgrade(self, revision: str) -> None:
+        """Downgrade the database schema to ``revision`` (``base`` removes it all)."""
+        from alembic import command
+
+        cfg = self._alembic_config()
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+
+    def current_revision(self) -> str | None:
+        """The schema revision the database is at (``None`` if unmigrated)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            rev: str | None = MigrationContext.configure(conn).get_current_revision()
+            return rev
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the pool and the Redis clients. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.engine.dispose()
+        for client in (self._redis, self._coordination_redis):
+            if client is not None:
+                client.close()
+
+    def __enter__(self) -> DataLayer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DataLayer {self.settings!r}>"
+
+
+def _translate_error(context: Any) -> BaseException | None:
+    # The one place driver errors become package errors (by SQLSTATE).
+    if getattr(context, "is_pre_ping", False) or getattr(context, "is_disconnect", False):
+        return None
+    return dberrors.translate(context.original_exception)

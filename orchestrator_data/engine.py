@@ -1,0 +1,112 @@
+"""Building the SQLAlchemy engine: pool sizing, timeouts, TLS, slow-query log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, create_engine
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
+
+from orchestrator_data.config import Settings, sqlalchemy_url
+from orchestrator_data.errors import ConfigurationError
+from orchestrator_data.metrics import Metrics
+
+slow_log = logging.getLogger("orchestrator_data.slow_query")
+
+_CHECKIN_AT = "orchestrator_data_checkin_at"
+_STARTED_AT = "orchestrator_data_query_start"
+
+
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
+    """An engine with the design's pool (``pool_min``..``pool_max`` connections,
+    ``pool_timeout`` to wait for one), server-side ``statement_timeout``, TLS
+    options passed through, idle connections replaced, and the slow-query log.
+    Creating it does not connect; :func:`warm_pool` does."""
+    if not settings.database_url:
+        raise ConfigurationError("database_url is not set (DATABASE_URL)")
+    url = sqlalchemy_url(settings.database_url)
+    options = f"-c statement_timeout={int(settings.statement_timeout * 1000)}"
+    connect_args: dict[str, Any] = {
+        # libpq takes whole seconds and treats values below 2 as 2.
+        "connect_timeout": max(2, round(settings.connect_timeout)),
+        "application_name": settings.application_name,
+        "options": options,
+    }
+    if settings.sslmode:
+        connect_args["sslmode"] = settings.sslmode
+    if settings.sslrootcert:
+        connect_args["sslrootcert"] = settings.sslrootcert
+    engine = create_engine(
+        url,
+        poolclass=QueuePool,
+        pool_size=settings.pool_min if settings.pool_min > 0 else 1,
+        max_overflow=settings.pool_max - max(settings.pool_min, 1),
+        pool_timeout=settings.pool_timeout,
+        pool_pre_ping=settings.pool_pre_ping,
+        pool_use_lifo=True,
+        connect_args=connect_args,
+        # Parameter values never reach logs or exception messages.
+        hide_parameters=True,
+    )
+    _install_idle_timeout(engine, settings.pool_idle_timeout)
+    _install_slow_query_log(engine, settings.slow_query_threshold, metrics)
+    return engine
+
+
+def warm_pool(engine: Engine, count: int) -> None:
+    """Open ``count`` connections now, so the first requests do not pay for it."""
+    conns = []
+    try:
+        for _ in range(count):
+            conns.append(engine.raw_connection())
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _install_idle_timeout(engine: Engine, idle_timeout: float) -> None:
+    # QueuePool has no idle timeout of its own; a connection that sat in the
+    # pool longer than the design's 30 s is replaced on its next checkout.
+    # Raising DisconnectionError makes the pool discard it and connect anew.
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_CHECKIN_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        checked_in = record.info.get(_CHECKIN_AT)
+        if checked_in is not None and time.monotonic() - checked_in > idle_timeout:
+            record.info.pop(_CHECKIN_AT, None)
+            raise DisconnectionError("connection idle longer than pool_idle_timeout")
+
+
+def _install_slow_query_log(engine: Engine, threshold: float, metrics: Metrics | None) -> None:
+    @event.listens_for(engine, "before_cursor_execute")
+    def _before(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
+    ) -> None:
+        conn.info.setdefault(_STARTED_AT, []).append(time.perf_counter())
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _after(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
+    ) -> None:
+        started = conn.info[_STARTED_AT].pop()
+        elapsed = time.perf_counter() - started
+        if elapsed >= threshold:
+            if metrics is not None:
+                metrics.slow_queries.inc()
+            # The statement text carries placeholders only; values are redacted.
+            slow_log.warning(
+                "slow query: %.3f s: %s [parameters redacted]", elapsed, " ".join(statement.split())
+            )
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        stack = context.connection.info.get(_STARTED_AT) if context.connection is not None else None
+        if stack:
+            stack.pop()

@@ -1,0 +1,27 @@
+"""Declarative models of the five tables; importing this registers every
+table and index on ``Base.metadata``."""
+
+from orchestrator_data.models.achievement import Achievement
+from orchestrator_data.models.agent import AGENT_STATUSES, Agent
+from orchestrator_data.models.audit_log import AUDIT_ACTIONS, AuditLog
+from orchestrator_data.models.base import Base, to_dict
+from orchestrator_data.models.indexes import AGENT_SEARCH_DOCUMENT, TASK_SEARCH_DOCUMENT
+from orchestrator_data.models.session import Session
+from orchestrator_data.models.task import PRIORITY_MAX, PRIORITY_MIN, TASK_STATUSES, Task
+
+__all__ = [
+    "AGENT_SEARCH_DOCUMENT",
+    "AGENT_STATUSES",
+    "AUDIT_ACTIONS",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
+    "TASK_SEARCH_DOCUMENT",
+    "TASK_STATUSES",
+    "Achievement",
+    "Agent",
+    "AuditLog",
+    "Base",
+    "Session",
+    "Task",
+    "to_dict",
+]

@@ -1,0 +1,34 @@
+"""The ``sessions`` table: session metadata (live session data is in Redis)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, String, Text
+from sqlalchemy.dialects.postgresql import INET, JSONB
+from sqlalchemy.ext.mutable import MutableDict
+from sqlalchemy.orm import Mapped, mapped_column
+
+from orchestrator_data.models.base import Base, created_at, updated_at, uuid_pk
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+    __entity__ = "session"
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    session_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    user_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    data: Mapped[dict[str, Any]] = mapped_column(
+        MutableDict.as_mutable(JSONB), nullable=False, default=dict, server_default="{}"
+    )
+    ip_address: Mapped[str | None] = mapped_column(INET, nullable=True)
+    user_agent: Mapped[str | None] = mapped_column(Text, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = created_at()
+    updated_at: Mapped[datetime] = updated_at()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} user={self.user_id!r}>"

@@ -1,0 +1,62 @@
+"""Agents: CRUD plus queries by role, status and capability, and full-text search."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, literal_column
+
+from orchestrator_data.models import AGENT_SEARCH_DOCUMENT, AGENT_STATUSES, Agent
+from orchestrator_data.pagination import Page
+from orchestrator_data.repositories import _checks
+from orchestrator_data.repositories.base import Repository
+from orchestrator_data.schemas import AgentSchema
+
+
+class AgentRepository(Repository[Agent]):
+    """Filters: ``role``, ``status``, ``capability`` (one, or a list: all of them),
+    ``name``, ``created_after``, ``created_before``."""
+
+    model_type = Agent
+    schema_type = AgentSchema
+    sortable = frozenset({"created_at", "name", "updated_at"})
+
+    def by_role(self, role: str, **kw: Any) -> Page[Agent]:
+        return self.list(role=role, **kw)
+
+    def by_status(self, status: str, **kw: Any) -> Page[Agent]:
+        return self.list(status=status, **kw)
+
+    def with_capability(self, *capabilities: str, **kw: Any) -> Page[Agent]:
+        """Agents that have every one of ``capabilities`` (JSONB containment, GIN-indexed)."""
+        return self.list(capability=list(capabilities), **kw)
+
+    def get_by_name(self, name: str) -> Agent | None:
+        return self.session.scalars(self._select({"name": name})).first()
+
+    def search(self, query: str, *, limit: int = 20) -> list[Agent]:
+        """Agents whose name or role matches ``query`` (full text, best match first)."""
+        _checks.text("query", query, 1000)
+        _checks.integer("limit", limit, 1, 1000)
+        tsquery = func.plainto_tsquery(literal_column("'simple'::regconfig"), query)
+        stmt = (
+            self._select({})
+            .where(AGENT_SEARCH_DOCUMENT.op("@@")(tsquery))
+            .order_by(func.ts_rank(AGENT_SEARCH_DOCUMENT, tsquery).desc(), Agent.id)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
+        if name == "role":
+            return Agent.role == _checks.text(name, value, 100)
+        if name == "status":
+            return Agent.status == _checks.one_of(name, value, AGENT_STATUSES)
+        if name == "name":
+            return Agent.name == _checks.text(name, value)
+        if name == "capability":
+            wanted = [value] if isinstance(value, str) else list(value)
+            for cap in wanted:
+                _checks.text(name, cap)
+            return Agent.capabilities.contains(wanted)
+        return super()._filter(name, value)

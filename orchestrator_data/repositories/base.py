@@ -1,0 +1,194 @@
+"""The generic typed repository: validated CRUD, filters, keyset pagination.
+
+A repository never commits: the unit of work owns the transaction. Driver
+errors are translated at the engine boundary (see ``dberrors``), so a
+duplicate name surfaces here as ``ConflictError``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar, Generic, TypeVar, cast
+
+from sqlalchemy import ColumnElement, Select, func, select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import Session as OrmSession
+
+from orchestrator_data.errors import NotFoundError, ValidationError
+from orchestrator_data.models.base import Base, to_dict
+from orchestrator_data.pagination import Page, decode_cursor, encode_cursor
+from orchestrator_data.schemas.base import EntitySchema, load
+
+ModelT = TypeVar("ModelT", bound=Base)
+
+MAX_PAGE_SIZE = 1000
+
+
+def coerce_uuid(value: object, field: str = "id") -> uuid.UUID:
+    """``value`` as a UUID, or a ValidationError naming ``field``."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise ValidationError({field: ["Not a valid UUID."]})
+
+
+class Repository(Generic[ModelT]):
+    """CRUD and queries over one model, validated by its marshmallow schema.
+
+    Subclasses set ``model_type``, ``schema_type`` and ``sortable`` and
+    override :meth:`_filter` for their entity's filters.
+    """
+
+    model_type: ClassVar[type[Base]]
+    schema_type: ClassVar[type[EntitySchema]]
+    #: Columns ``list(order_by=...)`` accepts; ``id`` always breaks ties.
+    sortable: ClassVar[frozenset[str]] = frozenset({"created_at"})
+    default_order: ClassVar[str] = "created_at"
+    #: Fields that ``update`` refuses (identity and bookkeeping).
+    immutable: ClassVar[frozenset[str]] = frozenset({"id", "created_at", "updated_at"})
+
+    def __init__(self, *, session: OrmSession) -> None:
+        self.session = session
+        self._schema = self.schema_type()
+
+    @property
+    def entity(self) -> str:
+        return self.model_type.__entity__
+
+    # -- reads ---------------------------------------------------------------
+
+    def get(self, ident: uuid.UUID | str) -> ModelT | None:
+        """The row with primary key ``ident``, or ``None``."""
+        obj: ModelT | None = self.session.get(self.model_type, coerce_uuid(ident))  # type: ignore[assignment]
+        return obj
+
+    def get_or_raise(self, ident: uuid.UUID | str) -> ModelT:
+        """The row with primary key ``ident``; :class:`NotFoundError` if absent."""
+        obj = self.get(ident)
+        if obj is None:
+            raise NotFoundError(self.entity, ident)
+        return obj
+
+    def list(
+        self,
+        *,
+        limit: int = 50,
+        after: str | None = None,
+        order_by: str | None = None,
+        descending: bool = False,
+        **filters: Any,
+    ) -> Page[ModelT]:
+        """A page of rows matching ``filters``, in a stable order
+        (``order_by`` then ``id``). Pass the returned ``next_cursor`` as
+        ``after`` to continue; rows inserted meanwhile never shift pages."""
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValidationError({"limit": [f"Must be between 1 and {MAX_PAGE_SIZE}."]})
+        order = order_by or self.default_order
+        if order not in self.sortable:
+            raise ValidationError(
+                {"order_by": [f"Must be one of: {', '.join(sorted(self.sortable))}."]}
+            )
+        column: InstrumentedAttribute[Any] = getattr(self.model_type, order)
+        ident: InstrumentedAttribute[Any] = self.model_type.id  # type: ignore[attr-defined]
+        stmt = self._select(filters)
+        if after is not None:
+            value, last_id = decode_cursor(after)
+            key = tuple_(column, ident)
+            stmt = stmt.where(key < (value, last_id) if descending else key > (value, last_id))
+        if descending:
+            stmt = stmt.order_by(column.desc(), ident.desc())
+        else:
+            stmt = stmt.order_by(column.asc(), ident.asc())
+        rows: list[ModelT] = list(self.session.scalars(stmt.limit(limit + 1)))
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            next_cursor = encode_cursor(getattr(last, order), last.id)  # type: ignore[attr-defined]
+        return Page(rows, next_cursor)
+
+    def count(self, **filters: Any) -> int:
+        """Number of rows matching ``filters`` (the same filters as :meth:`list`)."""
+        stmt = select(func.count()).select_from(self.model_type).where(*self._where(filters))
+        return int(self.session.scalar(stmt) or 0)
+
+    # -- writes --------------------------------------------------------------
+
+    def create(self, **fields: Any) -> ModelT:
+        """Validate ``fields`` (design field names), insert, flush, return the row.
+        Raises ValidationError (nothing written) or ConflictError."""
+        values = load(self._schema, fields, partial=False, entity=self.entity)
+        obj: ModelT = self.model_type(**values)  # type: ignore[assignment]
+        self.session.add(obj)
+        self.session.flush()
+        return obj
+
+    def update(self, ident: uuid.UUID | str, **fields: Any) -> ModelT:
+        """Validate and apply ``fields`` to the row ``ident``; flush; return it."""
+        key = coerce_uuid(ident)
+        refused = self.immutable.intersection(fields)
+        if refused:
+            raise ValidationError({f: ["Cannot be changed."] for f in refused}, entity=self.entity)
+        values = load(self._schema, fields, partial=True, entity=self.entity)
+        obj = self.get_or_raise(key)
+        for attr, value in values.items():
+            setattr(obj, attr, value)
+        self.session.flush()
+        return obj
+
+    def delete(self, ident: uuid.UUID | str) -> None:
+        """Delete the row ``ident``; NotFoundError if absent."""
+        obj = self.get_or_raise(ident)
+        self.session.delete(obj)
+        self.session.flush()
+
+    # -- serialization -------------------------------------------------------
+
+    def dump(self, obj: ModelT) -> dict[str, Any]:
+        """``obj`` as JSON-ready data under the design's field names."""
+        data: dict[str, Any] = self._schema.dump(obj)
+        return data
+
+    def as_dict(self, obj: ModelT) -> dict[str, Any]:
+        """``obj``'s column values (Python types) under the design's field names."""
+        return to_dict(obj)
+
+    # -- filters -------------------------------------------------------------
+
+    def _select(self, filters: Mapping[str, Any]) -> Select[Any]:
+        return select(self.model_type).where(*self._where(filters))
+
+    def _where(self, filters: Mapping[str, Any]) -> builtins.list[ColumnElement[bool]]:
+        clauses: builtins.list[ColumnElement[bool]] = []
+        problems: dict[str, builtins.list[str]] = {}
+        for name, value in filters.items():
+            if value is None:
+                continue
+            try:
+                clause = self._filter(name, value)
+            except ValidationError as err:
+                problems.update(err.messages)
+                continue
+            if clause is None:
+                problems[name] = ["Unknown filter."]
+            else:
+                clauses.append(clause)
+        if problems:
+            raise ValidationError(problems, entity=self.entity)
+        return clauses
+
+    def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
+        """The WHERE clause for filter ``name``; ``None`` if there is no such filter.
+        Subclasses extend this; the base knows ``created_after`` / ``created_before``."""
+        created: InstrumentedAttribute[Any] | None = getattr(self.model_type, "created_at", None)
+        if created is not None and name == "created_after":
+            return cast("ColumnElement[bool]", created >= value)
+        if created is not None and name == "created_before":
+            return cast("ColumnElement[bool]", created < value)
+        return None

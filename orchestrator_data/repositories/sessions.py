@@ -1,0 +1,49 @@
+"""Session metadata rows (the live session data is in the Redis session store)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete
+
+from orchestrator_data.models import Session
+from orchestrator_data.repositories import _checks
+from orchestrator_data.repositories.base import Repository
+from orchestrator_data.schemas import SessionSchema
+
+
+class SessionRepository(Repository[Session]):
+    """Filters: ``user_id``, ``expired`` (bool), ``created_after``, ``created_before``."""
+
+    model_type = Session
+    schema_type = SessionSchema
+    sortable = frozenset({"created_at", "expires_at", "updated_at"})
+
+    def get_by_key(self, session_key: str) -> Session | None:
+        """The session with ``session_key``, or ``None``."""
+        return self.session.scalars(
+            self._select({}).where(Session.session_key == _checks.text("session_key", session_key))
+        ).first()
+
+    def delete_expired(self, now: datetime | None = None) -> int:
+        """Delete sessions whose ``expires_at`` has passed; return how many."""
+        moment = now or datetime.now(timezone.utc)
+        result = self.session.execute(
+            delete(Session)
+            .where(Session.expires_at < moment)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
+        if name == "user_id":
+            return Session.user_id == _checks.text(name, value)
+        if name == "expired":
+            now = datetime.now(timezone.utc)
+            return (
+                Session.expires_at < now
+                if value
+                else (Session.expires_at.is_(None) | (Session.expires_at >= now))
+            )
+        return super()._filter(name, value)

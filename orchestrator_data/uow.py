@@ -1,0 +1,87 @@
+"""The unit of work: one Session, one transaction, and the repositories on it.
+
+Leaving the ``with`` block without :meth:`UnitOfWork.commit` rolls back.
+Repositories flush but never commit.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from types import TracebackType
+
+from sqlalchemy.orm import Session as OrmSession
+
+from orchestrator_data.actor import Actor
+from orchestrator_data.repositories import (
+    AchievementRepository,
+    AgentRepository,
+    AuditLogRepository,
+    SessionRepository,
+    TaskRepository,
+)
+
+#: Keys of ``Session.info`` that the hooks (audit, cache) read.
+INFO_ACTOR = "orchestrator_data.actor"
+INFO_READ_ONLY = "orchestrator_data.read_only"
+INFO_ISOLATION = "orchestrator_data.isolation"
+
+
+class UnitOfWork:
+    """A transaction in progress. ``session`` is its SQLAlchemy Session, for
+    statements the repositories do not cover (audited and cache-invalidating
+    like the rest)."""
+
+    def __init__(
+        self, session: OrmSession, *, actor: Actor, isolation: str, read_only: bool
+    ) -> None:
+        self.session = session
+        self.actor = actor
+        self.isolation = isolation
+        self.read_only = read_only
+        self.committed = False
+        session.info[INFO_ACTOR] = actor
+        session.info[INFO_READ_ONLY] = read_only
+        session.info[INFO_ISOLATION] = isolation
+
+    @cached_property
+    def agents(self) -> AgentRepository:
+        return AgentRepository(session=self.session)
+
+    @cached_property
+    def tasks(self) -> TaskRepository:
+        return TaskRepository(session=self.session)
+
+    @cached_property
+    def sessions(self) -> SessionRepository:
+        return SessionRepository(session=self.session)
+
+    @cached_property
+    def achievements(self) -> AchievementRepository:
+        return AchievementRepository(session=self.session)
+
+    @cached_property
+    def audit(self) -> AuditLogRepository:
+        return AuditLogRepository(session=self.session)
+
+    def commit(self) -> None:
+        """Commit the transaction. Work after a commit starts a new transaction
+        in the same unit of work, at the same isolation level."""
+        self.session.commit()
+        self.committed = True
+
+    def rollback(self) -> None:
+        """Discard everything done since the last commit."""
+        self.session.rollback()
+
+    def __enter__(self) -> UnitOfWork:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Whatever was not committed is discarded; close() returns the
+        # connection to the pool with its transaction rolled back.
+        self.session.close()
