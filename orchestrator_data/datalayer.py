@@ -23,6 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
+from orchestrator_data.correlation import current_correlation_id
 from orchestrator_data.engine import build_engine, warm_pool
 from orchestrator_data.errors import ConfigurationError, DatabaseTimeoutError
 from orchestrator_data.metrics import Metrics
@@ -85,11 +86,15 @@ class DataLayer:
         actor: Actor | None = None,
         isolation: str | None = None,
         read_only: bool = False,
+        correlation_id: str | None = None,
     ) -> Iterator[UnitOfWork]:
         """A unit of work: one transaction at ``isolation`` (default
         SERIALIZABLE), ``READ ONLY DEFERRABLE`` when ``read_only`` at
         SERIALIZABLE. Commit with ``uow.commit()``; leaving the block
-        without it rolls back.
+        without it rolls back. ``actor`` and ``correlation_id`` land on every
+        audit row it writes; they default to the ones set with
+        :func:`~orchestrator_data.acting_as` and
+        :func:`~orchestrator_data.correlated` (else ``system`` and none).
 
         Raises :class:`DatabaseTimeoutError` when no connection becomes free
         within ``pool_timeout``.
@@ -110,7 +115,11 @@ class DataLayer:
                 "or hold units of work for less time"
             ) from None
         uow = UnitOfWork(
-            session, actor=actor or current_actor(), isolation=level, read_only=read_only
+            session,
+            actor=actor or current_actor(),
+            isolation=level,
+            read_only=read_only,
+            correlation_id=correlation_id or current_correlation_id(),
         )
         outcome = "rollback"
         try:
@@ -132,6 +141,7 @@ class DataLayer:
         isolation: str | None = None,
         read_only: bool = False,
         retries: int | None = None,
+        correlation_id: str | None = None,
     ) -> T:
         """Run ``fn(uow)`` in a fresh unit of work and commit. On a serialization
         failure or deadlock the *whole* function runs again in a new transaction
@@ -140,7 +150,12 @@ class DataLayer:
         ``fn`` must therefore have no side effects outside the transaction."""
 
         def attempt() -> T:
-            with self.unit_of_work(actor=actor, isolation=isolation, read_only=read_only) as uow:
+            with self.unit_of_work(
+                actor=actor,
+                isolation=isolation,
+                read_only=read_only,
+                correlation_id=correlation_id,
+            ) as uow:
                 result = fn(uow)
                 uow.commit()
                 return result
