@@ -42,9 +42,9 @@ class Recorder:
 @pytest.fixture
 def dl_rec(
     make_data_layer: Callable[..., DataLayer], data_layer: DataLayer
-) -> Iterator[tuple[DataLayer, Recorder]]:
+) -> tuple[DataLayer, Recorder]:
     dl = make_data_layer(pool_min=1)
-    yield dl, Recorder(dl)
+    return dl, Recorder(dl)
 
 
 def test_orm_create_update_delete(dl_rec: tuple[DataLayer, Recorder]) -> None:
