@@ -22,11 +22,14 @@ from sqlalchemy.orm import sessionmaker
 
 from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
+from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.correlation import current_correlation_id
 from orchestrator_data.engine import build_engine, warm_pool
 from orchestrator_data.errors import ConfigurationError, DatabaseTimeoutError
 from orchestrator_data.metrics import Metrics
+from orchestrator_data.models import Achievement, Agent, Task
+from orchestrator_data.models import Session as SessionModel
 from orchestrator_data.transaction import run_with_retry
 from orchestrator_data.uow import UnitOfWork
 
@@ -68,6 +71,11 @@ class DataLayer:
                     expire_on_commit=False,
                     autoflush=True,
                 )
+        # Every write through these sessions becomes a Change: the audit trail
+        # and the cache subscribe to it (see changes.py).
+        self.changes = ChangeCapture([Agent, Task, SessionModel, Achievement])
+        for factory in self._factories.values():
+            self.changes.install(factory)
         self._redis: Redis[bytes] | None = None
         self._coordination_redis: Redis[bytes] | None = None
         self._closed = False
