@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session as OrmSession
 
 from orchestrator_data.actor import SYSTEM, Actor
+from orchestrator_data.changes import Change, ChangeCapture
 from orchestrator_data.jsonsafe import json_safe
 from orchestrator_data.models import AuditLog, Base
 from orchestrator_data.uow import INFO_ACTOR, INFO_CORRELATION_ID
@@ -33,6 +34,41 @@ INSERT_AUDIT_ROWS = insert(Base.metadata.tables[AuditLog.__tablename__]).values(
         bindparam("meta", type_=JSONB)
     ),
 )
+
+
+class AuditTrail:
+    """Writes one audit row per :class:`~orchestrator_data.changes.Change`
+    that ``changes`` captures, in the same transaction: actor and correlation
+    id from the unit of work, ``old`` / ``new`` as captured (full row on
+    create and delete, changed fields on update), the server's transaction
+    id in ``metadata``.
+    """
+
+    def __init__(self, changes: ChangeCapture) -> None:
+        changes.on_flush(self.record, values=True)
+
+    def record(self, session: OrmSession, changes: Sequence[Change]) -> None:
+        """Insert the audit rows of ``changes`` (one statement). Called by the
+        change capture right after they reached the database."""
+        actor = actor_of(session)
+        correlation_id = correlation_id_of(session)
+        rows = [
+            audit_row(
+                action=change.action,
+                actor=actor,
+                resource_type=change.entity,
+                resource_id=change.ident,
+                old=change.old,
+                new=change.new,
+                correlation_id=correlation_id,
+                extra=_BULK if change.bulk else None,
+            )
+            for change in changes
+        ]
+        write_rows(session.connection(), rows)
+
+
+_BULK = {"bulk": True}
 
 
 def actor_of(session: OrmSession) -> Actor:

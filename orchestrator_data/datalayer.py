@@ -22,6 +22,7 @@ from sqlalchemy.orm import sessionmaker
 
 from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
+from orchestrator_data.audit import AuditTrail
 from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.correlation import current_correlation_id
@@ -76,6 +77,7 @@ class DataLayer:
         self.changes = ChangeCapture([Agent, Task, SessionModel, Achievement])
         for factory in self._factories.values():
             self.changes.install(factory)
+        self.audit_trail = AuditTrail(self.changes)
         self._redis: Redis[bytes] | None = None
         self._coordination_redis: Redis[bytes] | None = None
         self._closed = False
