@@ -56,6 +56,10 @@ class DataLayer:
                 "(the CLI starts embedded servers when it is missing)"
             )
         self.metrics = Metrics()
+        self._outcomes = {
+            name: self.metrics.transactions.labels(outcome=name)
+            for name in ("commit", "rollback", "error")
+        }
         self.engine: Engine = build_engine(self.settings, self.metrics)
         event.listen(self.engine, "handle_error", _translate_error)
         # One factory per (isolation, read-only) pair: the option engines carry
@@ -141,7 +145,7 @@ class DataLayer:
             raise
         finally:
             session.close()
-            self.metrics.transactions.labels(outcome=outcome).inc()
+            self._outcomes[outcome].inc()
 
     def run_in_transaction(
         self,

@@ -8,6 +8,7 @@ duplicate name surfaces here as ``ConflictError``.
 from __future__ import annotations
 
 import builtins
+import functools
 import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar, cast
@@ -24,6 +25,13 @@ from orchestrator_data.schemas.base import EntitySchema, load
 ModelT = TypeVar("ModelT", bound=Base)
 
 MAX_PAGE_SIZE = 1000
+
+
+@functools.cache
+def _schema(schema_type: type[EntitySchema]) -> EntitySchema:
+    # Building a marshmallow schema costs ~100 µs; loading keeps no state on
+    # the instance, so one per class serves every repository and thread.
+    return schema_type()
 
 
 def coerce_uuid(value: object, field: str = "id") -> uuid.UUID:
@@ -55,7 +63,7 @@ class Repository(Generic[ModelT]):
 
     def __init__(self, *, session: OrmSession) -> None:
         self.session = session
-        self._schema = self.schema_type()
+        self._schema = _schema(self.schema_type)
 
     @property
     def entity(self) -> str:
