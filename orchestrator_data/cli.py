@@ -74,6 +74,10 @@ def demo(
     click.echo(f"  failed attempts (retried or final): {report.attempts_failed}")
     click.echo(f"  transactions: {report.transactions} ({report.ops_per_second:.0f}/s)")
     click.echo(f"  serialization retries: {report.retries}")
+    click.echo(f"  achievements awarded: {report.achievements}")
+    click.echo("leaderboard:")
+    for rank, (name, points) in enumerate(report.leaderboard, start=1):
+        click.echo(f"  {rank:>2}. {name:<32} {points:>6} pts")
 
 
 @cli.group()

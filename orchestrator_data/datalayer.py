@@ -23,6 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
 from orchestrator_data.audit import AuditTrail
+from orchestrator_data.awards import Awards
 from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.correlation import current_correlation_id
@@ -31,6 +32,7 @@ from orchestrator_data.errors import ConfigurationError, DatabaseTimeoutError
 from orchestrator_data.metrics import Metrics
 from orchestrator_data.models import Achievement, Agent, Task
 from orchestrator_data.models import Session as SessionModel
+from orchestrator_data.stats import StatsCache
 from orchestrator_data.transaction import run_with_retry
 from orchestrator_data.uow import UnitOfWork
 
@@ -82,6 +84,9 @@ class DataLayer:
         for factory in self._factories.values():
             self.changes.install(factory)
         self.audit_trail = AuditTrail(self.changes)
+        self.stats = StatsCache(self)
+        self.stats.install(self.changes)
+        self.awards = Awards()
         self._redis: Redis[bytes] | None = None
         self._coordination_redis: Redis[bytes] | None = None
         self._closed = False
