@@ -25,7 +25,11 @@ from orchestrator_data.actor import Actor, current_actor
 from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.engine import build_engine, warm_pool
-from orchestrator_data.errors import ConfigurationError, DatabaseTimeoutError
+from orchestrator_data.errors import (
+    ConfigurationError,
+    DatabaseTimeoutError,
+    DatabaseUnavailableError,
+)
 from orchestrator_data.metrics import Metrics
 from orchestrator_data.models import Achievement, Agent, Task
 from orchestrator_data.models import Session as SessionModel
@@ -83,7 +87,11 @@ class DataLayer:
         self._coordination_redis: Redis[bytes] | None = None
         self._closed = False
         if self.settings.warm_pool and self.settings.pool_min > 0:
-            warm_pool(self.engine, self.settings.pool_min)
+            try:
+                warm_pool(self.engine, self.settings.pool_min)
+            except sa_exc.OperationalError as err:
+                self.engine.dispose()
+                raise unavailable(err) from err
 
     # -- sessions and transactions -------------------------------------------
 
@@ -114,6 +122,9 @@ class DataLayer:
         try:
             # Check out the connection now, so a full pool fails here, clearly.
             session.connection()
+        except sa_exc.OperationalError as err:
+            session.close()
+            raise unavailable(err) from err
         except sa_exc.TimeoutError:
             session.close()
             raise DatabaseTimeoutError(
@@ -269,6 +280,13 @@ class DataLayer:
 
     def __repr__(self) -> str:
         return f"<DataLayer {self.settings!r}>"
+
+
+def unavailable(err: sa_exc.DBAPIError) -> DatabaseUnavailableError:
+    """The error for a failed connection attempt: libpq's first line (which
+    names host and port, never the password)."""
+    reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+    return DatabaseUnavailableError(f"cannot connect to PostgreSQL: {reason}")
 
 
 def _translate_error(context: Any) -> BaseException | None:
