@@ -83,8 +83,8 @@ class DataLayer:
         self.changes = ChangeCapture([Agent, Task, SessionModel, Achievement])
         for factory in self._factories.values():
             self.changes.install(factory)
-        self._redis: Redis[bytes] | None = None
-        self._coordination_redis: Redis[bytes] | None = None
+        self._redis: Redis | None = None
+        self._coordination_redis: Redis | None = None
         self._closed = False
         if self.settings.warm_pool and self.settings.pool_min > 0:
             try:
@@ -180,14 +180,14 @@ class DataLayer:
     # -- Redis -----------------------------------------------------------------
 
     @property
-    def redis(self) -> Redis[bytes]:
+    def redis(self) -> Redis:
         """The Redis client for caching (``REDIS_URL``); connects on first use."""
         if self._redis is None:
             self._redis = self._make_redis(self.settings.redis_url, "REDIS_URL")
         return self._redis
 
     @property
-    def coordination_redis(self) -> Redis[bytes]:
+    def coordination_redis(self) -> Redis:
         """The Redis for locks, sessions and queues (``COORDINATION_REDIS_URL``,
         defaulting to ``REDIS_URL``)."""
         if self.settings.coordination_redis_url in (None, self.settings.redis_url):
@@ -202,7 +202,7 @@ class DataLayer:
         """``name`` under this DataLayer's key prefix."""
         return self.settings.key_prefix + name
 
-    def _make_redis(self, url: str | None, env_name: str) -> Redis[bytes]:
+    def _make_redis(self, url: str | None, env_name: str) -> Redis:
         if not url:
             raise ConfigurationError(f"{env_name} is not set")
         s = self.settings
