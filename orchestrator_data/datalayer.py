@@ -28,7 +28,11 @@ from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.correlation import current_correlation_id
 from orchestrator_data.engine import build_engine, warm_pool
-from orchestrator_data.errors import ConfigurationError, DatabaseTimeoutError
+from orchestrator_data.errors import (
+    ConfigurationError,
+    DatabaseTimeoutError,
+    DatabaseUnavailableError,
+)
 from orchestrator_data.metrics import Metrics
 from orchestrator_data.models import Achievement, Agent, Task
 from orchestrator_data.models import Session as SessionModel
@@ -87,11 +91,15 @@ class DataLayer:
         self.stats = StatsCache(self)
         self.stats.install(self.changes)
         self.awards = Awards()
-        self._redis: Redis[bytes] | None = None
-        self._coordination_redis: Redis[bytes] | None = None
+        self._redis: Redis | None = None
+        self._coordination_redis: Redis | None = None
         self._closed = False
         if self.settings.warm_pool and self.settings.pool_min > 0:
-            warm_pool(self.engine, self.settings.pool_min)
+            try:
+                warm_pool(self.engine, self.settings.pool_min)
+            except sa_exc.OperationalError as err:
+                self.engine.dispose()
+                raise unavailable(err) from err
 
     # -- sessions and transactions -------------------------------------------
 
@@ -126,6 +134,9 @@ class DataLayer:
         try:
             # Check out the connection now, so a full pool fails here, clearly.
             session.connection()
+        except sa_exc.OperationalError as err:
+            session.close()
+            raise unavailable(err) from err
         except sa_exc.TimeoutError:
             session.close()
             raise DatabaseTimeoutError(
@@ -191,14 +202,14 @@ class DataLayer:
     # -- Redis -----------------------------------------------------------------
 
     @property
-    def redis(self) -> Redis[bytes]:
+    def redis(self) -> Redis:
         """The Redis client for caching (``REDIS_URL``); connects on first use."""
         if self._redis is None:
             self._redis = self._make_redis(self.settings.redis_url, "REDIS_URL")
         return self._redis
 
     @property
-    def coordination_redis(self) -> Redis[bytes]:
+    def coordination_redis(self) -> Redis:
         """The Redis for locks, sessions and queues (``COORDINATION_REDIS_URL``,
         defaulting to ``REDIS_URL``)."""
         if self.settings.coordination_redis_url in (None, self.settings.redis_url):
@@ -213,7 +224,7 @@ class DataLayer:
         """``name`` under this DataLayer's key prefix."""
         return self.settings.key_prefix + name
 
-    def _make_redis(self, url: str | None, env_name: str) -> Redis[bytes]:
+    def _make_redis(self, url: str | None, env_name: str) -> Redis:
         if not url:
             raise ConfigurationError(f"{env_name} is not set")
         s = self.settings
@@ -291,6 +302,13 @@ class DataLayer:
 
     def __repr__(self) -> str:
         return f"<DataLayer {self.settings!r}>"
+
+
+def unavailable(err: sa_exc.DBAPIError) -> DatabaseUnavailableError:
+    """The error for a failed connection attempt: libpq's first line (which
+    names host and port, never the password)."""
+    reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+    return DatabaseUnavailableError(f"cannot connect to PostgreSQL: {reason}")
 
 
 def _translate_error(context: Any) -> BaseException | None:

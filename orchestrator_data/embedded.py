@@ -256,7 +256,7 @@ def _read_int(path: Path) -> int | None:
 # --- Redis -------------------------------------------------------------------------------------
 
 
-def _client(port: int) -> redis.Redis[bytes]:
+def _client(port: int) -> redis.Redis:
     # No retries: a refused connection is an answer here (stale port, server gone after SHUTDOWN)
     # and redis-py's default backoff would turn each into seconds.
     no_retry = Retry(NoBackoff(), 0)

@@ -63,7 +63,7 @@ def warm_pool(engine: Engine, count: int) -> None:
     conns = []
     try:
         for _ in range(count):
-            conns.append(engine.raw_connection())
+            conns.append(engine.connect())
     finally:
         for conn in conns:
             conn.close()
