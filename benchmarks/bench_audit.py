@@ -134,7 +134,8 @@ def main() -> None:
                 .select_from(AuditLog)
                 .where(AuditLog.metadata_["bulk"].isnot(None))
             )
-        assert audited and audited >= BULK_ROWS
+        assert audited is not None
+        assert audited >= BULK_ROWS
 
         cont = continuum_phase(url, factory, pick, next_status)
 
@@ -190,9 +191,11 @@ def main() -> None:
         print(
             "\n*: plain ORM measured again alongside Continuum, whose listeners hook every engine."
         )
+        single_ratio = single["audit"] / single["orm"]
+        continuum_ratio = cont["single"] / cont["orm"]
         print(
             f"\ntargets: single update with audit <= 1.35x plain ORM "
-            f"({single['audit'] / single['orm']:.2f}x; Continuum {cont['single'] / cont['orm']:.2f}x), "
+            f"({single_ratio:.2f}x; Continuum {continuum_ratio:.2f}x), "
             f"bulk update with audit <= 2x without ({bulk['audit'] / bulk['orm']:.2f}x plain ORM, "
             f"{bulk['audit'] / bulk['off']:.2f}x unit of work with audit off)"
         )

@@ -347,3 +347,28 @@ def test_repository_queries_and_keyset_pagination(data_layer: DataLayer) -> None
         assert uow.audit.count(txid=history[0].metadata_["txid"]) == 1
         latest = uow.audit.history("agent", agent.id, descending=True, limit=1).items[0]
         assert latest.new_value == {"metadata": {"i": 6}}
+
+
+def test_bulk_updates_of_json_columns_record_only_what_changed(data_layer: DataLayer) -> None:
+    with data_layer.unit_of_work() as uow:
+        a = uow.agents.create(name="j1", role="r", metadata={"k": 1}, capabilities=["x"])
+        b = uow.agents.create(name="j2", role="r", metadata={"k": 2})
+        uow.commit()
+    with data_layer.unit_of_work() as uow:
+        uow.session.execute(
+            update(Agent).where(Agent.id == a.id).values({Agent.metadata_: {"k": 10}})
+        )
+        uow.session.execute(update(Agent).ordered_values((Agent.capabilities, ["y"])))
+        uow.session.execute(update(Agent), [{"id": b.id, "metadata_": {"k": 2}, "role": "q"}])
+        uow.commit()
+    history_a = [(r.old_value, r.new_value) for r in audit_rows(data_layer, a.id, action="update")]
+    assert history_a == [
+        ({"metadata": {"k": 1}}, {"metadata": {"k": 10}}),
+        ({"capabilities": ["x"]}, {"capabilities": ["y"]}),
+    ]
+    history_b = [(r.old_value, r.new_value) for r in audit_rows(data_layer, b.id, action="update")]
+    # metadata was set to its own value: only role changed.
+    assert history_b == [
+        ({"capabilities": []}, {"capabilities": ["y"]}),
+        ({"role": "r"}, {"role": "q"}),
+    ]
