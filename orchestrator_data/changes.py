@@ -28,7 +28,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Delete, Insert, Update, event, inspect, select, true
+from sqlalchemy import (
+    Connection,
+    Delete,
+    Insert,
+    Update,
+    any_,
+    bindparam,
+    event,
+    inspect,
+    select,
+    true,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import ORMExecuteState, SessionTransaction, UOWTransaction, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm.base import NO_VALUE
@@ -295,9 +307,13 @@ class ChangeCapture:
         else:
             columns = list(table.c)
         keys = [c.key for c in columns]
-        # FOR UPDATE: the rows read are exactly those the statement changes,
-        # with the values it overwrites, at any isolation level.
-        query = select(*columns).where(criteria).with_for_update()
+        query = select(*columns).where(criteria)
+        if not _snapshot_is_stable(connection):
+            # READ COMMITTED: FOR UPDATE makes the rows read exactly those the
+            # statement changes, with the values it overwrites. At REPEATABLE
+            # READ and SERIALIZABLE the snapshot already guarantees that (a row
+            # changed since would fail the UPDATE), without dirtying every row.
+            query = query.with_for_update()
         before = {row[0]: row for row in connection.execute(query, select_params)}
         result = state.invoke_statement()
         entity = model.__entity__
@@ -309,7 +325,9 @@ class ChangeCapture:
         elif before and not values:
             changes = [Change(entity, model, i, "update", None, None, bulk=True) for i in before]
         elif before:
-            after = connection.execute(select(*columns).where(pk.in_(list(before))))
+            # One array parameter, not 1,000 bound values.
+            ids = bindparam("ids", list(before), type_=ARRAY(pk.type))
+            after = connection.execute(select(*columns).where(pk == any_(ids)))
             for new_row in after:
                 old_vals: dict[str, Any] = {}
                 new_vals: dict[str, Any] = {}
@@ -359,6 +377,14 @@ class ChangeCapture:
             changes.append(Change(model.__entity__, model, row[0], "create", None, new, bulk=True))
         self._record(state.session, changes)
         return result
+
+
+def _snapshot_is_stable(connection: Connection) -> bool:
+    """True at REPEATABLE READ and SERIALIZABLE: every statement of the
+    transaction sees the same snapshot."""
+    level = connection.get_execution_options().get("isolation_level")
+    level = level or connection.default_isolation_level or ""
+    return str(level).upper() in ("REPEATABLE READ", "SERIALIZABLE")
 
 
 def _set_columns(model: type[Base], statement: Update, params: Any) -> list[Any]:

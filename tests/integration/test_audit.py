@@ -372,3 +372,41 @@ def test_bulk_updates_of_json_columns_record_only_what_changed(data_layer: DataL
         ({"capabilities": []}, {"capabilities": ["y"]}),
         ({"role": "r"}, {"role": "q"}),
     ]
+
+
+@pytest.mark.parametrize("isolation", ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"])
+def test_concurrent_bulk_increments_chain_exactly_in_the_audit_trail(
+    isolation: str, make_data_layer: Callable[..., DataLayer], data_layer: DataLayer
+) -> None:
+    # Old values of a bulk UPDATE are what it overwrote: locked at READ
+    # COMMITTED, guaranteed by the snapshot (or a retry) above it.
+    dl = make_data_layer(pool_max=8, max_retries=200, retry_backoff_max=0.02)
+    with dl.unit_of_work() as uow:
+        task_id = uow.tasks.create(type="counter", payload={}).id
+        uow.commit()
+
+    def bump(uow: UnitOfWork) -> None:
+        uow.session.execute(
+            update(Task).where(Task.id == task_id).values(retry_count=Task.retry_count + 1)
+        )
+
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            for _ in range(10):
+                dl.run_in_transaction(bump, isolation=isolation)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    rows = audit_rows(dl, task_id, action="update")
+    pairs = sorted((r.old_value["retry_count"], r.new_value["retry_count"]) for r in rows)
+    assert pairs == [(n, n + 1) for n in range(40)]
