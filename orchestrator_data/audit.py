@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 from sqlalchemy import Connection
@@ -20,13 +22,13 @@ from orchestrator_data.changes import Change, ChangeCapture
 from orchestrator_data.jsonsafe import json_safe
 from orchestrator_data.uow import INFO_ACTOR, INFO_CORRELATION_ID
 
-# One statement for every audit row of a flush, whatever their number, and
-# the server reads its transaction id inside the INSERT: auditing costs one
-# round trip per flush. Driver-level SQL, because SQLAlchemy's per-parameter
-# processing is most of the Python cost of a 1,000-row bulk. Several rows
-# travel as nine arrays (quoted by psycopg2 in C); unnest keeps their order,
-# and clock_timestamp() (the column default) keeps that order in time. One
-# row takes the plain VALUES form, which the server plans faster.
+# One statement per flush, whatever the number of rows, and the server reads
+# its transaction id inside the INSERT: auditing costs one round trip per
+# flush. Driver-level SQL: SQLAlchemy's per-parameter processing would be
+# most of the Python cost of a 1,000-row bulk. Many rows travel as one JSON
+# document ([action, type, id, old, new] each), encoded by one call to the C
+# encoder and parsed once by the server; WITH ORDINALITY keeps their order,
+# and clock_timestamp() (the column default) keeps that order in time.
 INSERT_AUDIT_ROW = (
     "INSERT INTO audit_logs (action, actor_type, actor_id, ip_address, resource_type,"
     " resource_id, old_value, new_value, metadata)"
@@ -36,21 +38,26 @@ INSERT_AUDIT_ROW = (
 INSERT_AUDIT_ROWS = (
     "INSERT INTO audit_logs (action, actor_type, actor_id, ip_address, resource_type,"
     " resource_id, old_value, new_value, metadata)"
-    " SELECT a, t, i, ip::inet, rt, ri, o, n, jsonb_build_object('txid', txid_current()) || m"
-    " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
-    " %s::jsonb[], %s::jsonb[], %s::jsonb[]) AS r(a, t, i, ip, rt, ri, o, n, m)"
+    " SELECT r->>0, %s, %s, %s::inet, r->>1, r->>2,"
+    " NULLIF(r->3, 'null'::jsonb), NULLIF(r->4, 'null'::jsonb),"
+    " jsonb_build_object('txid', txid_current()) || %s::jsonb"
+    " FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(r, n) ORDER BY n"
 )
-_FIELDS = (
-    "action",
-    "actor_type",
-    "actor_id",
-    "ip_address",
-    "resource_type",
-    "resource_id",
-    "old",
-    "new",
-    "meta",
-)
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One row for :func:`write_rows`; ``old`` / ``new`` are Python values,
+    made JSON-safe when written. ``meta`` is the encoded ``metadata`` (the
+    transaction id is added by the server)."""
+
+    action: str
+    actor: Actor
+    resource_type: str
+    resource_id: str | None
+    old: Mapping[str, Any] | None
+    new: Mapping[str, Any] | None
+    meta: str
 
 
 class AuditTrail:
@@ -73,16 +80,16 @@ class AuditTrail:
         meta = _meta_json(correlation_id, None)
         bulk_meta = _meta_json(correlation_id, _BULK)
         rows = [
-            _row(
-                change.action,
+            AuditRow(
+                c.action,
                 actor,
-                change.entity,
-                str(change.ident),
-                change.old,
-                change.new,
-                bulk_meta if change.bulk else meta,
+                c.entity,
+                str(c.ident),
+                c.old,
+                c.new,
+                bulk_meta if c.bulk else meta,
             )
-            for change in changes
+            for c in changes
         ]
         write_rows(session.connection(), rows)
 
@@ -96,6 +103,12 @@ def actor_of(session: OrmSession) -> Actor:
     return actor if isinstance(actor, Actor) else SYSTEM
 
 
+def correlation_id_of(session: OrmSession) -> str | None:
+    """The correlation id the unit of work put on ``session``, if any."""
+    value = session.info.get(INFO_CORRELATION_ID)
+    return value if isinstance(value, str) else None
+
+
 def audit_row(
     *,
     action: str,
@@ -106,9 +119,9 @@ def audit_row(
     new: Mapping[str, Any] | None,
     correlation_id: str | None = None,
     extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One audit row for :func:`write_rows`: JSON values already encoded."""
-    return _row(
+) -> AuditRow:
+    """One audit row for :func:`write_rows`, ``extra`` merged into its metadata."""
+    return AuditRow(
         action,
         actor,
         resource_type,
@@ -119,43 +132,39 @@ def audit_row(
     )
 
 
+def write_rows(connection: Connection, rows: Sequence[AuditRow]) -> None:
+    """Insert audit ``rows``: one statement (per actor and metadata, which
+    within a flush are always the same)."""
+    if len(rows) == 1:
+        row = rows[0]
+        actor = row.actor
+        connection.exec_driver_sql(
+            INSERT_AUDIT_ROW,
+            (
+                row.action,
+                actor.type,
+                actor.id,
+                actor.ip,
+                row.resource_type,
+                row.resource_id,
+                None if row.old is None else _dumps(row.old),
+                None if row.new is None else _dumps(row.new),
+                row.meta,
+            ),
+        )
+        return
+    for (actor, meta), group in groupby(rows, key=lambda r: (r.actor, r.meta)):
+        document = _dumps([[r.action, r.resource_type, r.resource_id, r.old, r.new] for r in group])
+        connection.exec_driver_sql(
+            INSERT_AUDIT_ROWS, (actor.type, actor.id, actor.ip, meta, document)
+        )
+
+
 def _meta_json(correlation_id: str | None, extra: Mapping[str, Any] | None) -> str:
     meta: dict[str, Any] = dict(extra or {})
     if correlation_id is not None:
         meta["correlation_id"] = correlation_id
     return _dumps(meta)
-
-
-def _row(
-    action: str,
-    actor: Actor,
-    resource_type: str,
-    resource_id: str | None,
-    old: Mapping[str, Any] | None,
-    new: Mapping[str, Any] | None,
-    meta_json: str,
-) -> dict[str, Any]:
-    return {
-        "action": action,
-        "actor_type": actor.type,
-        "actor_id": actor.id,
-        "ip_address": actor.ip,
-        "resource_type": resource_type,
-        "resource_id": resource_id,
-        # None stays SQL NULL (no old value on create), not JSON null.
-        "old": None if old is None else _dumps(old),
-        "new": None if new is None else _dumps(new),
-        "meta": meta_json,
-    }
-
-
-def write_rows(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert audit ``rows`` (from :func:`audit_row`) in one statement."""
-    if len(rows) == 1:
-        connection.exec_driver_sql(INSERT_AUDIT_ROW, tuple(rows[0][f] for f in _FIELDS))
-    elif rows:
-        columns = tuple([row[field] for row in rows] for field in _FIELDS)
-        connection.exec_driver_sql(INSERT_AUDIT_ROWS, columns)
 
 
 def _dumps(value: Any) -> str:
@@ -164,9 +173,3 @@ def _dumps(value: Any) -> str:
     return json.dumps(
         value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=json_safe
     )
-
-
-def correlation_id_of(session: OrmSession) -> str | None:
-    """The correlation id the unit of work put on ``session``, if any."""
-    value = session.info.get(INFO_CORRELATION_ID)
-    return value if isinstance(value, str) else None
