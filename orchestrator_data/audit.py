@@ -79,6 +79,7 @@ class AuditTrail:
         # Encoded once per flush, shared by every row (1,000 on a bulk update).
         meta = _meta_json(correlation_id, None)
         bulk_meta = _meta_json(correlation_id, _BULK)
+        cascade_meta = _meta_json(correlation_id, _CASCADE)
         rows = [
             AuditRow(
                 c.action,
@@ -87,7 +88,7 @@ class AuditTrail:
                 str(c.ident),
                 c.old,
                 c.new,
-                bulk_meta if c.bulk else meta,
+                cascade_meta if c.cascade else bulk_meta if c.bulk else meta,
             )
             for c in changes
         ]
@@ -95,6 +96,7 @@ class AuditTrail:
 
 
 _BULK = {"bulk": True}
+_CASCADE = {"cascade": True}
 
 
 def actor_of(session: OrmSession) -> Actor:

@@ -57,6 +57,7 @@ _STACK = "orchestrator_data.changes.stack"
 _ROLLED_BACK = "orchestrator_data.changes.rolled_back"
 _WRITTEN = "orchestrator_data.changes.written"
 _OLD = "orchestrator_data.changes.old"
+_CASCADED = "orchestrator_data.changes.cascaded"
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Change:
     old: dict[str, Any] | None
     new: dict[str, Any] | None
     bulk: bool = False
+    #: Made by the database itself: a foreign key's ON DELETE CASCADE / SET NULL.
+    cascade: bool = False
 
 
 FlushListener = Callable[[OrmSession, Sequence[Change]], None]
@@ -199,6 +202,22 @@ class ChangeCapture:
     def _before_flush(
         self, session: OrmSession, flush_context: UOWTransaction, instances: Any
     ) -> None:
+        session.info.pop(_CASCADED, None)  # left over by a flush that failed
+        deleting: dict[type[Base], list[uuid.UUID]] = {}
+        for obj in session.deleted:
+            model = self._tracked(obj)
+            if model is not None:
+                deleting.setdefault(model, []).append(inspect(obj).identity[0])
+        if deleting:
+            # What the database will cascade must be read before the DELETE.
+            explicit = {i for ids in deleting.values() for i in ids}
+            cascaded = [
+                c
+                for model, ids in deleting.items()
+                for c in self._cascades(session.connection(), model, ids)
+                if c.ident not in explicit
+            ]
+            session.info[_CASCADED] = cascaded
         # Old values unknown to the session (in-place JSONB mutation, columns
         # never loaded) must be read before the UPDATE/DELETE overwrites them.
         if not self._want_values:
@@ -262,6 +281,7 @@ class ChangeCapture:
                 if values:
                     old = _row(obj, prefetched.get((model, ident), {}))
                 changes.append(Change(model.__entity__, model, ident, "delete", old, None))
+        changes.extend(session.info.pop(_CASCADED, ()))
         self._record(session, changes)
 
     # -- bulk statements -----------------------------------------------------
@@ -315,6 +335,9 @@ class ChangeCapture:
             # changed since would fail the UPDATE), without dirtying every row.
             query = query.with_for_update()
         before = {row[0]: row for row in connection.execute(query, select_params)}
+        cascaded: list[Change] = []
+        if isinstance(statement, Delete) and before:
+            cascaded = self._cascades(connection, model, list(before))
         result = state.invoke_statement()
         entity = model.__entity__
         changes: list[Change] = []
@@ -338,8 +361,52 @@ class ChangeCapture:
                     changes.append(
                         Change(entity, model, new_row[0], "update", old_vals, new_vals, bulk=True)
                     )
-        self._record(session, changes)
+        self._record(session, changes + cascaded)
         return result
+
+    def _cascades(
+        self, connection: Connection, model: type[Base], ids: list[uuid.UUID]
+    ) -> list[Change]:
+        """The changes the database will make itself when rows ``ids`` of
+        ``model`` are deleted: rows of tracked tables removed by ON DELETE
+        CASCADE (recursively) or updated by ON DELETE SET NULL. Read before
+        the DELETE, which is the last moment they can be."""
+        values = self._want_values
+        lock = not _snapshot_is_stable(connection)
+        changes: list[Change] = []
+        parent = model.__table__
+        for table, dependent in self._models.items():
+            for fk in table.foreign_keys:
+                if fk.column.table is not parent:
+                    continue
+                rule = (fk.ondelete or "").upper()
+                column = fk.parent
+                entity = dependent.__entity__
+                if rule == "CASCADE":
+                    columns = list(table.c) if values else [table.c.id]
+                    query = select(*columns).where(column.in_(ids))
+                    rows = connection.execute(query.with_for_update() if lock else query).all()
+                    keys = [c.key for c in columns]
+                    for row in rows:
+                        old = _snapshot_row(keys, row) if values else None
+                        changes.append(
+                            Change(entity, dependent, row[0], "delete", old, None, cascade=True)
+                        )
+                    if rows:
+                        changes += self._cascades(connection, dependent, [r[0] for r in rows])
+                elif rule == "SET NULL":
+                    query = select(table.c.id, column).where(column.in_(ids))
+                    for ident, before in connection.execute(
+                        query.with_for_update() if lock else query
+                    ):
+                        old_vals = {column.key: before} if values else None
+                        new_vals = {column.key: None} if values else None
+                        changes.append(
+                            Change(
+                                entity, dependent, ident, "update", old_vals, new_vals, cascade=True
+                            )
+                        )
+        return changes
 
     def _bulk_insert(self, state: ORMExecuteState, model: type[Base], statement: Insert) -> Any:
         # The primary key is assigned here (the ORM would apply the uuid4

@@ -410,3 +410,34 @@ def test_concurrent_bulk_increments_chain_exactly_in_the_audit_trail(
     rows = audit_rows(dl, task_id, action="update")
     pairs = sorted((r.old_value["retry_count"], r.new_value["retry_count"]) for r in rows)
     assert pairs == [(n, n + 1) for n in range(40)]
+
+
+@pytest.mark.parametrize("how", ["repository", "bulk"])
+def test_foreign_key_cascades_are_audited(how: str, data_layer: DataLayer) -> None:
+    # Deleting an agent makes the database delete its achievements (ON DELETE
+    # CASCADE) and unassign its tasks (SET NULL): those changes are audited too.
+    with data_layer.unit_of_work() as uow:
+        agent = uow.agents.create(name="doomed", role="r")
+        other = uow.agents.create(name="spared", role="r")
+        ach = uow.achievements.create(agent_id=agent.id, achievement_type="first_task", points=10)
+        kept = uow.achievements.create(agent_id=other.id, achievement_type="first_task", points=10)
+        task = uow.tasks.create(type="t", payload={}, agent_id=agent.id)
+        uow.commit()
+    with data_layer.unit_of_work(actor=Actor("user", "gc")) as uow:
+        if how == "repository":
+            uow.agents.delete(agent.id)
+        else:
+            uow.session.execute(delete(Agent).where(Agent.name == "doomed"))
+        uow.commit()
+    [gone] = audit_rows(data_layer, ach.id, action="delete")
+    assert (gone.actor_type, gone.actor_id) == ("user", "gc")
+    assert gone.old_value["points"] == 10
+    assert gone.old_value["agent_id"] == str(agent.id)
+    assert gone.metadata_["cascade"] is True
+    [unassigned] = audit_rows(data_layer, task.id, action="update")
+    assert (unassigned.old_value, unassigned.new_value) == (
+        {"agent_id": str(agent.id)},
+        {"agent_id": None},
+    )
+    assert audit_rows(data_layer, kept.id, action="delete") == []
+    assert len(audit_rows(data_layer, agent.id, action="delete")) == 1
