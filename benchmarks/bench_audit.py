@@ -10,9 +10,10 @@ database and drops it at the end. In one run, interleaved:
   trail on, and with it off (change capture only);
 - bulk ``update(Agent)`` of 1,000 rows + commit: plain ORM session; unit of
   work with the audit trail (1,000 audit rows); unit of work without it;
-- then, with SQLAlchemy-Continuum versioning a copy of the agents table: the
-  same single and bulk updates through a plain ORM session (measured against
-  plain ORM again, in that phase: Continuum hooks every engine in the process).
+- then, with SQLAlchemy-Continuum versioning the same agents table (same rows,
+  same indexes): the same single and bulk updates through a plain ORM session,
+  measured against plain ORM again in that phase, since Continuum hooks every
+  engine in the process.
 
 Targets: single update with audit <= 1.35x plain ORM, and well under
 Continuum's; bulk update with audit <= 2x the bulk update without.
@@ -209,8 +210,9 @@ def main() -> None:
 def continuum_phase(
     url: str, factory: sessionmaker[Session], pick: Any, next_status: Any
 ) -> dict[str, float]:
-    """Version a copy of the agents table with SQLAlchemy-Continuum and time the
-    same updates (and plain ORM again, under the same process-wide hooks)."""
+    """Version the agents table with SQLAlchemy-Continuum (a second mapping of
+    it, so the package's models stay unversioned) and time the same updates,
+    and plain ORM again under the same process-wide hooks."""
     import sqlalchemy as sa
     from sqlalchemy_continuum import make_versioned
 
@@ -220,7 +222,7 @@ def continuum_phase(
         pass
 
     class VersionedAgent(VBase):
-        __tablename__ = "continuum_agents"
+        __tablename__ = "agents"
         __versioned__: dict[str, Any] = {}
 
         id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -240,20 +242,12 @@ def continuum_phase(
 
     sa.orm.configure_mappers()
     engine = create_engine(url, pool_size=5, isolation_level="SERIALIZABLE")
-    VBase.metadata.create_all(engine)
+    VBase.metadata.create_all(engine)  # agents exists: adds agents_version, transaction
     vfactory = sessionmaker(engine, expire_on_commit=False)
-    with vfactory() as session:
-        vids = [uuid.uuid4() for _ in range(N_AGENTS)]
-        session.add_all(VersionedAgent(id=i, name=f"v-{n}", role="r") for n, i in enumerate(vids))
-        session.add_all(
-            VersionedAgent(id=uuid.uuid4(), name=f"vb-{n}", role="bulk") for n in range(BULK_ROWS)
-        )
-        session.commit()
-    vpick = itertools.cycle(vids).__next__
 
     def continuum_update() -> None:
         with vfactory() as session:
-            obj = session.get(VersionedAgent, vpick())
+            obj = session.get(VersionedAgent, pick())
             assert obj is not None
             obj.role = next_status()
             session.commit()
@@ -287,7 +281,7 @@ def continuum_phase(
             session.commit()
 
     bulk = interleaved_us(
-        {"continuum": continuum_bulk, "orm": orm_bulk},
+        {"continuum": continuum_bulk, "orm": orm_bulk},  # (Continuum versions none of these)
         iterations=iterations(30),
         batch=1,
         warmup=3,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import groupby
 from typing import Any
 
@@ -76,10 +77,6 @@ class AuditTrail:
         change capture right after they reached the database."""
         actor = actor_of(session)
         correlation_id = correlation_id_of(session)
-        # Encoded once per flush, shared by every row (1,000 on a bulk update).
-        meta = _meta_json(correlation_id, None)
-        bulk_meta = _meta_json(correlation_id, _BULK)
-        cascade_meta = _meta_json(correlation_id, _CASCADE)
         rows = [
             AuditRow(
                 c.action,
@@ -88,15 +85,19 @@ class AuditTrail:
                 str(c.ident),
                 c.old,
                 c.new,
-                cascade_meta if c.cascade else bulk_meta if c.bulk else meta,
+                # Cached: shared by every row of a flush (1,000 on a bulk update).
+                _change_meta(correlation_id, "cascade" if c.cascade else "bulk" if c.bulk else ""),
             )
             for c in changes
         ]
         write_rows(session.connection(), rows)
 
 
-_BULK = {"bulk": True}
-_CASCADE = {"cascade": True}
+@lru_cache(maxsize=1024)
+def _change_meta(correlation_id: str | None, how: str) -> str:
+    # ``how``: "" (an ORM flush), "bulk" (a bulk statement), "cascade" (done
+    # by a foreign key): recorded as {"bulk": true} / {"cascade": true}.
+    return _meta_json(correlation_id, {how: True} if how else None)
 
 
 def actor_of(session: OrmSession) -> Actor:
