@@ -171,8 +171,11 @@ def _meta_json(correlation_id: str | None, extra: Mapping[str, Any] | None) -> s
 
 
 def _dumps(value: Any) -> str:
-    # json_safe only for what the C encoder cannot take itself (UUIDs,
-    # datetimes, ...): most values are plain JSON already.
-    return json.dumps(
-        value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=json_safe
-    )
+    # The C encoder takes most values as they are; json_safe converts what it
+    # cannot (UUIDs, datetimes, ...). Non-string keys or NaN: convert it all.
+    try:
+        return json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=json_safe
+        )
+    except (TypeError, ValueError):
+        return json.dumps(json_safe(value), separators=(",", ":"), ensure_ascii=False)

@@ -24,6 +24,7 @@ from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
 from orchestrator_data.audit import AuditTrail
 from orchestrator_data.awards import Awards
+from orchestrator_data.captured_session import CapturedSession
 from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.correlation import current_correlation_id
@@ -81,6 +82,7 @@ class DataLayer:
                     options["postgresql_deferrable"] = level == "SERIALIZABLE"
                 self._factories[(level, read_only)] = sessionmaker(
                     bind=self.engine.execution_options(**options),
+                    class_=CapturedSession,
                     expire_on_commit=False,
                     autoflush=True,
                 )

@@ -441,3 +441,30 @@ def test_foreign_key_cascades_are_audited(how: str, data_layer: DataLayer) -> No
     )
     assert audit_rows(data_layer, kept.id, action="delete") == []
     assert len(audit_rows(data_layer, agent.id, action="delete")) == 1
+
+
+def test_legacy_bulk_methods_are_audited(data_layer: DataLayer) -> None:
+    # Session.bulk_* write without flush events: the package's session routes
+    # them through ORM statements, which are captured.
+    ident = uuid.uuid4()
+    with data_layer.unit_of_work() as uow:
+        uow.session.bulk_insert_mappings(Agent, [{"id": ident, "name": "l1", "role": "r"}])
+        uow.session.bulk_update_mappings(Agent, [{"id": ident, "role": "q"}])
+        uow.session.bulk_save_objects([Agent(name="l2", role="r")])
+        uow.commit()
+    with data_layer.unit_of_work() as uow:
+        l2 = uow.agents.get_by_name("l2")
+        assert l2 is not None
+        uow.session.expunge(l2)
+    l2.status = "busy"
+    with data_layer.unit_of_work() as uow:
+        uow.session.bulk_save_objects([l2])
+        uow.commit()
+    first = audit_rows(data_layer, ident)
+    assert [(r.action, r.new_value.get("role")) for r in first] == [
+        ("create", "r"),
+        ("update", "q"),
+    ]
+    second = audit_rows(data_layer, l2.id)
+    assert [r.action for r in second] == ["create", "update"]
+    assert (second[1].old_value, second[1].new_value) == ({"status": "idle"}, {"status": "busy"})

@@ -86,3 +86,18 @@ def test_parse_duration(text: str, expected: timedelta) -> None:
 def test_parse_duration_refuses_bad_input(text: str) -> None:
     with pytest.raises(ValidationError, match="not a duration like 90d"):
         parse_duration(text)
+
+
+def test_audit_encoding_takes_what_json_alone_refuses() -> None:
+    from orchestrator_data.audit import _dumps
+
+    ident = uuid.UUID(int=1)
+    assert json.loads(_dumps({"id": ident, "n": float("nan"), ident: Decimal("1.5")})) == {
+        "id": str(ident),
+        "n": "nan",
+        str(ident): "1.5",
+    }
+    assert json.loads(_dumps({"at": date(2026, 1, 2), "c": Color.RED})) == {
+        "at": "2026-01-02",
+        "c": "red",
+    }
