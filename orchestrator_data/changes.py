@@ -23,6 +23,7 @@ back are discarded, the committed transaction's changes are handed to
 from __future__ import annotations
 
 import copy
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ from sqlalchemy.orm import ORMExecuteState, SessionTransaction, UOWTransaction, 
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.sql import ClauseElement, ColumnElement
+from sqlalchemy.sql.elements import TextClause
 
+from orchestrator_data.errors import OrchestratorDataError
 from orchestrator_data.models.base import Base
 
 Action = Literal["create", "update", "delete"]
@@ -58,6 +61,10 @@ _ROLLED_BACK = "orchestrator_data.changes.rolled_back"
 _WRITTEN = "orchestrator_data.changes.written"
 _OLD = "orchestrator_data.changes.old"
 _CASCADED = "orchestrator_data.changes.cascaded"
+
+
+class UncapturedWriteError(OrchestratorDataError):
+    """Plain SQL tried to write a tracked table through the session."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ class ChangeCapture:
         self._commit_listeners: list[CommitListener] = []
         self._rollback_listeners: list[RollbackListener] = []
         self._want_values = False
+        self._write_pattern: re.Pattern[str] | None = None
 
     # -- subscription ------------------------------------------------------
 
@@ -287,6 +295,9 @@ class ChangeCapture:
     # -- bulk statements -----------------------------------------------------
 
     def _do_orm_execute(self, state: ORMExecuteState) -> Any:
+        if isinstance(state.statement, TextClause):
+            self._refuse_uncaptured_write(state.statement.text)
+            return None
         if not (state.is_update or state.is_delete or state.is_insert):
             return None
         mapper = state.bind_mapper
@@ -299,6 +310,27 @@ class ChangeCapture:
         if isinstance(statement, (Update, Delete)):
             return self._bulk_update_delete(state, model, statement)
         return None
+
+    def _refuse_uncaptured_write(self, sql: str) -> None:
+        # Plain SQL cannot be captured (no old values, no affected rows): a
+        # write to a tracked table that way would leave no audit row and no
+        # invalidation. Refused, with the way to do it instead.
+        if self._write_pattern is None:
+            names = "|".join(re.escape(m.__tablename__) for m in self._models.values())
+            self._write_pattern = re.compile(
+                r"\b(?:insert\s+into|update|delete\s+from|truncate|merge\s+into)"
+                r"\s+(?:only\s+)?(?:(?:\"?\w+\"?)\.)?\"?(" + names + r")\"?(?![\w.])",
+                re.IGNORECASE,
+            )
+        match = self._write_pattern.search(sql)
+        if match:
+            table = match.group(1).lower()
+            model = next(m for m in self._models.values() if m.__tablename__ == table)
+            raise UncapturedWriteError(
+                f"plain SQL writing {table} would escape the audit trail and the caches: "
+                f"use ORM statements through the session (update({model.__name__}), "
+                f"delete({model.__name__}), insert({model.__name__})) or the repositories"
+            )
 
     def _bulk_update_delete(
         self, state: ORMExecuteState, model: type[Base], statement: Update | Delete

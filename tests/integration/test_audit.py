@@ -468,3 +468,30 @@ def test_legacy_bulk_methods_are_audited(data_layer: DataLayer) -> None:
     second = audit_rows(data_layer, l2.id)
     assert [r.action for r in second] == ["create", "update"]
     assert (second[1].old_value, second[1].new_value) == ({"status": "idle"}, {"status": "busy"})
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE agents SET status = 'busy'",
+        "update public.agents set status = 'busy'",
+        'DELETE FROM "tasks"',
+        "INSERT INTO achievements (agent_id, achievement_type) SELECT id, 'x' FROM agents",
+        "WITH gone AS (DELETE FROM sessions RETURNING id) SELECT count(*) FROM gone",
+        "TRUNCATE agents CASCADE",
+    ],
+)
+def test_plain_sql_writes_to_tracked_tables_are_refused(sql: str, data_layer: DataLayer) -> None:
+    from orchestrator_data.changes import UncapturedWriteError
+
+    with data_layer.unit_of_work() as uow:
+        uow.agents.create(name="x", role="r")
+        with pytest.raises(UncapturedWriteError, match="escape the audit trail"):
+            uow.session.execute(text(sql))
+
+
+def test_plain_sql_reads_and_other_tables_are_allowed(data_layer: DataLayer) -> None:
+    with data_layer.unit_of_work() as uow:
+        uow.session.execute(text("SELECT count(*) FROM agents WHERE status = 'update'"))
+        uow.session.execute(text("CREATE TEMP TABLE agents_history (x int) ON COMMIT DROP"))
+        uow.session.execute(text("UPDATE agents_history SET x = 1"))
