@@ -236,9 +236,9 @@ class ChangeCapture:
             if model is None:
                 continue
             state = inspect(obj)
-            for attr in state.mapper.column_attrs:
-                key = attr.key
-                if key in state.committed_state and state.committed_state[key] is NO_VALUE:
+            columns = state.mapper.column_attrs
+            for key, previous in state.committed_state.items():
+                if previous is NO_VALUE and key in columns:
                     missing.setdefault(model, {}).setdefault(state.identity[0], set()).add(key)
         for obj in session.deleted:
             model = self._tracked(obj)
@@ -549,9 +549,11 @@ def _diff(obj: Base, prefetched: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     renamed = type(obj).__renamed__
     old: dict[str, Any] = {}
     new: dict[str, Any] = {}
-    for attr in state.mapper.column_attrs:
-        key = attr.key
-        if key in IGNORED_ON_UPDATE:
+    columns = state.mapper.column_attrs
+    # Only attributes with a committed_state entry can have changed: no need
+    # to ask every column for its history.
+    for key in list(state.committed_state):
+        if key in IGNORED_ON_UPDATE or key not in columns:
             continue
         history = state.attrs[key].history
         if not history.has_changes():
