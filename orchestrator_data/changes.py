@@ -319,7 +319,7 @@ class ChangeCapture:
             names = "|".join(re.escape(m.__tablename__) for m in self._models.values())
             self._write_pattern = re.compile(
                 r"\b(?:insert\s+into|update|delete\s+from|truncate|merge\s+into)"
-                r"\s+(?:only\s+)?(?:(?:\"?\w+\"?)\.)?\"?(" + names + r")\"?(?![\w.])",
+                r"\s+(?:table\s+)?(?:only\s+)?(?:(?:\"?\w+\"?)\.)?\"?(" + names + r")\"?(?![\w.])",
                 re.IGNORECASE,
             )
         match = self._write_pattern.search(sql)

@@ -479,6 +479,7 @@ def test_legacy_bulk_methods_are_audited(data_layer: DataLayer) -> None:
         "INSERT INTO achievements (agent_id, achievement_type) SELECT id, 'x' FROM agents",
         "WITH gone AS (DELETE FROM sessions RETURNING id) SELECT count(*) FROM gone",
         "TRUNCATE agents CASCADE",
+        "truncate table only tasks",
     ],
 )
 def test_plain_sql_writes_to_tracked_tables_are_refused(sql: str, data_layer: DataLayer) -> None:
