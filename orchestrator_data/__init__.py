@@ -21,6 +21,7 @@ from orchestrator_data.errors import (
     OrchestratorDataError,
     RateLimitedError,
     RetryExhaustedError,
+    UncapturedWriteError,
     ValidationError,
 )
 from orchestrator_data.pagination import Page
@@ -43,6 +44,7 @@ __all__ = [
     "RateLimitedError",
     "RetryExhaustedError",
     "Settings",
+    "UncapturedWriteError",
     "UnitOfWork",
     "ValidationError",
     "acting_as",

@@ -48,7 +48,7 @@ from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.sql import ClauseElement, ColumnElement
 from sqlalchemy.sql.elements import TextClause
 
-from orchestrator_data.errors import OrchestratorDataError
+from orchestrator_data.errors import UncapturedWriteError
 from orchestrator_data.models.base import Base
 
 Action = Literal["create", "update", "delete"]
@@ -61,10 +61,6 @@ _ROLLED_BACK = "orchestrator_data.changes.rolled_back"
 _WRITTEN = "orchestrator_data.changes.written"
 _OLD = "orchestrator_data.changes.old"
 _CASCADED = "orchestrator_data.changes.cascaded"
-
-
-class UncapturedWriteError(OrchestratorDataError):
-    """Plain SQL tried to write a tracked table through the session."""
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class DataLayer:
         self.changes = ChangeCapture([Agent, Task, SessionModel, Achievement])
         for factory in self._factories.values():
             self.changes.install(factory)
-        self.audit_trail = AuditTrail(self.changes)
+        self.audit_trail = AuditTrail(self.changes) if self.settings.audit_enabled else None
         self.stats = StatsCache(self)
         self.stats.install(self.changes)
         self.awards = Awards()

@@ -483,7 +483,7 @@ def test_legacy_bulk_methods_are_audited(data_layer: DataLayer) -> None:
     ],
 )
 def test_plain_sql_writes_to_tracked_tables_are_refused(sql: str, data_layer: DataLayer) -> None:
-    from orchestrator_data.changes import UncapturedWriteError
+    from orchestrator_data import UncapturedWriteError
 
     with data_layer.unit_of_work() as uow:
         uow.agents.create(name="x", role="r")
@@ -496,3 +496,12 @@ def test_plain_sql_reads_and_other_tables_are_allowed(data_layer: DataLayer) -> 
         uow.session.execute(text("SELECT count(*) FROM agents WHERE status = 'update'"))
         uow.session.execute(text("CREATE TEMP TABLE agents_history (x int) ON COMMIT DROP"))
         uow.session.execute(text("UPDATE agents_history SET x = 1"))
+
+
+def test_audit_can_be_switched_off(make_data_layer: Callable[..., DataLayer]) -> None:
+    dl = make_data_layer(audit_enabled=False, pool_min=1)
+    with dl.unit_of_work() as uow:
+        agent = uow.agents.create(name="unaudited", role="r")
+        uow.commit()
+    with dl.unit_of_work() as uow:
+        assert uow.audit.count(resource_id=str(agent.id)) == 0
