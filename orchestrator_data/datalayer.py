@@ -22,6 +22,8 @@ from sqlalchemy.orm import sessionmaker
 
 from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
+from orchestrator_data.cache import Cache, CacheRegions
+from orchestrator_data.cache.layer import INFO_CACHE
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.engine import build_engine, warm_pool
 from orchestrator_data.errors import ConfigurationError, DatabaseTimeoutError
@@ -43,7 +45,9 @@ class DataLayer:
     clients connect on first use. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, cache_regions: CacheRegions | None = None
+    ) -> None:
         self.settings = settings or Settings.from_env()
         if not self.settings.database_url:
             raise ConfigurationError(
@@ -56,6 +60,13 @@ class DataLayer:
         # One factory per (isolation, read-only) pair: the option engines carry
         # the isolation level into psycopg2's BEGIN, costing no extra round trip.
         self._factories: dict[tuple[str, bool], sessionmaker[OrmSession]] = {}
+        self._redis: Redis[bytes] | None = None
+        self._coordination_redis: Redis[bytes] | None = None
+        self.cache = Cache(
+            self.settings,
+            self.redis if self.settings.redis_url else None,
+            regions=cache_regions,
+        )
         for level in ISOLATION_LEVELS:
             for read_only in (False, True):
                 options: dict[str, Any] = {"isolation_level": level}
@@ -66,12 +77,14 @@ class DataLayer:
                     bind=self.engine.execution_options(**options),
                     expire_on_commit=False,
                     autoflush=True,
+                    info={INFO_CACHE: self.cache},
                 )
-        self._redis: Redis[bytes] | None = None
-        self._coordination_redis: Redis[bytes] | None = None
+        for factory in self._factories.values():
+            event.listen(factory, "after_begin", self.cache.after_begin)
         self._closed = False
         if self.settings.warm_pool and self.settings.pool_min > 0:
             warm_pool(self.engine, self.settings.pool_min)
+        self.cache.start()
 
     # -- sessions and transactions -------------------------------------------
 
@@ -239,6 +252,7 @@ class DataLayer:
         if self._closed:
             return
         self._closed = True
+        self.cache.close()
         self.engine.dispose()
         for client in (self._redis, self._coordination_redis):
             if client is not None:
