@@ -88,7 +88,7 @@ class LRUBackend(CacheBackend):
 
     # -- beyond the dogpile API ------------------------------------------------
 
-    def discard_locked(self, keys: Sequence[str]) -> None:
+    def discard_locked(self, keys: Iterable[Any]) -> None:
         """Delete ``keys``; the caller holds :attr:`lock`."""
         for k in keys:
             self._lru.pop(k, None)
@@ -96,6 +96,10 @@ class LRUBackend(CacheBackend):
     def clear_locked(self) -> None:
         """Drop everything; the caller holds :attr:`lock`."""
         self._lru.clear()
+
+    def keys_locked(self) -> list[Any]:
+        """Every key; the caller holds :attr:`lock`."""
+        return list(self._lru.keys())
 
     def __len__(self) -> int:
         return len(self._lru)

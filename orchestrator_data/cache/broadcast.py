@@ -63,12 +63,15 @@ class Subscriber:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(self._channel)
                 # Wait for the confirmation: only then is nothing published
                 # from now on lost to us, and L1 may be trusted again.
-                while pubsub.get_message(timeout=1.0, ignore_subscribe_messages=False) is None:
+                while True:
+                    first = pubsub.get_message(timeout=1.0)
+                    if first is not None and first.get("type") == "subscribe":
+                        break
                     if self._stop.is_set():
                         return
                 self._on_up()
@@ -79,6 +82,8 @@ class Subscriber:
                         self._dispatch(message["data"])
             except REDIS_ERRORS as err:
                 log.debug("cache subscription lost: %s", err)
+            except Exception:
+                log.exception("cache subscriber failed; resubscribing")
             finally:
                 if self.up:
                     self.up = False

@@ -263,15 +263,18 @@ class Cache:
         cache, else None. ``cached``: None = the unit of work decides (read-only
         ones use the cache), True / False = the caller does."""
         info = session.info
+        read_only = info.get(INFO_READ_ONLY)
         if cached is None:
-            if not info.get(INFO_READ_ONLY):
+            if not read_only:
                 return None
         elif not cached:
             return None
         fence: Fence | None = info.get(INFO_FENCE)
-        if fence is None or not self._ready or self.breaker.state != CLOSED:
+        if fence is None or not self._ready or self.breaker._state != CLOSED:
             return None
-        if info.get(INFO_WRITTEN) or session.new or session.dirty or session.deleted:
+        if not read_only and (
+            info.get(INFO_WRITTEN) or session.new or session.deleted or session.dirty
+        ):
             # The transaction has written (or is about to, at the next
             # autoflush): its reads must see its own writes, from PostgreSQL.
             return None
@@ -282,24 +285,25 @@ class Cache:
     def get_row(
         self,
         session: OrmSession,
-        entity: str,
+        model: type[ModelT],
         ident: uuid.UUID,
-        load: Callable[[], ModelT | None],
         *,
         cached: bool | None = None,
     ) -> ModelT | None:
-        """Read-through get of one row: L1, then L2, then ``load()``
-        (PostgreSQL). Concurrent misses of one key in this process wait for
-        one ``load()`` (dogpile's lock)."""
+        """Read-through ``session.get(model, ident)``: L1, then L2, then
+        PostgreSQL. Concurrent misses of one key in this process wait for one
+        database read (dogpile's lock)."""
         stats = self.stats_counters
+        entity = model.__entity__
         fence = self.fence_for(session, cached)
         gen = fence.get(entity) if fence is not None else None
         if gen is None:
             stats.bypassed += 1
-            return load()
+            return session.get(model, ident)
         codec: RowCodec[ModelT] = self.codecs[entity]
-        key = self.keys.entity(entity, ident)
-        found = self.l1.get(key)
+        # L1 keys rows by (entity, id): no string formatting on a hit.
+        local = (entity, ident)
+        found = self.l1.get(local)  # type: ignore[arg-type]
         if found is not NO_VALUE:
             stats.l1_hits += 1
             return codec.hydrate(found.payload[2])
@@ -307,10 +311,11 @@ class Cache:
         loaded: list[ModelT | None] = []
 
         def create() -> tuple[str, int, Row] | None:
+            key = self.keys.entity(entity, ident)
             row = self._l2_row(codec, key)
             if row is None:
                 stats.loads += 1
-                obj = load()
+                obj = session.get(model, ident)
                 loaded.append(obj)
                 if obj is None:
                     return None
@@ -318,7 +323,11 @@ class Cache:
                 self._fill_row(codec, key, gen, row)
             return (entity, gen, row)
 
-        value = self.regions.l1.get_or_create(key, create, should_cache_fn=_is_not_none)
+        value = self.regions.l1.get_or_create(
+            local,  # type: ignore[arg-type]
+            create,
+            should_cache_fn=_is_not_none,
+        )
         if loaded:
             return loaded[0]
         if value is None:
@@ -485,10 +494,12 @@ class Cache:
 
     # -- L1 --------------------------------------------------------------------------
 
-    def _kind(self, key: str) -> str:
+    def _kind(self, key: str | tuple[str, uuid.UUID]) -> str:
+        if isinstance(key, tuple):
+            return key[0]
         return key[len(self.keys.prefix) + 6 :].split(":", 1)[0]
 
-    def _l1_ttl_for(self, key: str) -> float:
+    def _l1_ttl_for(self, key: str | tuple[str, uuid.UUID]) -> float:
         return self._l1_ttl.get(self._kind(key), self.settings.l1_ttl)
 
     def _l2_ttl_for(self, key: str) -> float:
@@ -509,10 +520,11 @@ class Cache:
         return False
 
     def _drop_entity_rows_locked(self, entities: Iterable[str]) -> None:
-        prefixes = tuple(self.keys.entity_prefix(e) for e in entities)
-        if prefixes:
-            lru = self.l1._lru
-            self.l1.discard_locked([k for k in list(lru.keys()) if k.startswith(prefixes)])
+        wanted = set(entities)
+        if wanted:
+            self.l1.discard_locked(
+                [k for k in self.l1.keys_locked() if isinstance(k, tuple) and k[0] in wanted]
+            )
 
     # -- invalidation ----------------------------------------------------------------
 
@@ -528,6 +540,11 @@ class Cache:
         if t:
             self._apply(t, everything=False)
 
+    def on_commit(self, session: OrmSession, changes: Sequence[Any]) -> None:
+        """Change-capture subscriber: invalidate what a committed transaction
+        changed (``Change.entity`` / ``.ident`` / ``.action``)."""
+        self.invalidate((c.entity, c.ident, c.action) for c in changes)
+
     def invalidate_all(self) -> None:
         """Void every cached value of this key prefix, in every process."""
         if not self.enabled:
@@ -536,14 +553,15 @@ class Cache:
         self._apply(t, everything=True)
 
     def _apply(self, t: Targets, *, everything: bool) -> None:
-        row_keys = [self.keys.entity(e, i) for e, i in sorted(t.rows, key=str)]
+        rows = sorted(t.rows, key=str)
+        row_keys = [self.keys.entity(e, i) for e, i in rows]
         gens = sorted(t.generations)
         epochs = sorted(t.epochs)
         with self.l1.lock:
             if everything:
                 self.l1.clear_locked()
             else:
-                self.l1.discard_locked(row_keys)
+                self.l1.discard_locked(rows)
                 self._drop_entity_rows_locked(epochs)
             # Until Redis answers with the new values, no fill of these
             # entities is admitted.
@@ -551,7 +569,9 @@ class Cache:
                 self._gens[e] = None
         self.stats_counters.invalidations += len(row_keys) + len(gens)
         try:
-            values = self.breaker.execute(lambda: self._bump(row_keys, gens, epochs, everything))
+            values = self.breaker.execute(
+                lambda: self._bump(row_keys, rows, gens, epochs, everything)
+            )
         except Unavailable:
             self._lost = True
             self.stats_counters.invalidations_lost += 1
@@ -560,19 +580,23 @@ class Cache:
         self._merge_generations(gens, values)
 
     def _bump(
-        self, row_keys: list[str], gens: list[str], epochs: list[str], everything: bool
+        self,
+        row_keys: list[str],
+        rows: list[tuple[str, uuid.UUID]],
+        gens: list[str],
+        epochs: list[str],
+        everything: bool,
     ) -> list[int]:
         counters = [self.keys.generation(e) for e in gens] + [self.keys.epoch(e) for e in epochs]
-        head = serialization.dumps(
-            {
-                "o": self.origin,
-                "t": time.time(),
-                "k": row_keys,
-                "g": gens,
-                "e": epochs,
-                "all": everything,
-            }
-        )
+        message = {
+            "o": self.origin,
+            "t": time.time(),
+            "r": [[e, str(i)] for e, i in rows],
+            "g": gens,
+            "e": epochs,
+            "all": everything,
+        }
+        head = serialization.dumps(message)
         head = head[:-1] + ',"v":'
         result = self._bump_script(
             keys=counters + row_keys,
@@ -598,7 +622,7 @@ class Cache:
             if message.get("all"):
                 self.l1.clear_locked()
             else:
-                self.l1.discard_locked([k for k in message.get("k", ()) if isinstance(k, str)])
+                self.l1.discard_locked(_row_keys(message.get("r")))
                 self._drop_entity_rows_locked(
                     [e for e in message.get("e", ()) if isinstance(e, str)]
                 )
@@ -643,7 +667,7 @@ class Cache:
         if self._lost:
             self._lost = False
             try:
-                values = self._bump([], list(ENTITIES), list(ROW_MODELS), True)
+                values = self._bump([], [], list(ENTITIES), list(ROW_MODELS), True)
             except BaseException:
                 self._lost = True
                 raise
@@ -671,6 +695,16 @@ class Cache:
         data["l1_max_entries"] = self.l1.max_entries
         data["fills_dropped"] = self._filler.dropped
         return data
+
+
+def _row_keys(pairs: Any) -> list[tuple[str, uuid.UUID]]:
+    out: list[tuple[str, uuid.UUID]] = []
+    for pair in pairs if isinstance(pairs, list) else ():
+        try:
+            out.append((str(pair[0]), uuid.UUID(pair[1])))
+        except (TypeError, ValueError, IndexError):
+            log.warning("ignoring a malformed key in a cache invalidation message")
+    return out
 
 
 def _is_not_none(value: Any) -> bool:

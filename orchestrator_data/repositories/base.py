@@ -90,14 +90,8 @@ class Repository(Generic[ModelT]):
         if cache is None or self.entity not in ROW_CACHED:
             obj: ModelT | None = session.get(self.model_type, key)  # type: ignore[assignment]
             return obj
-        model = self.model_type
-        return cache.get_row(
-            session,
-            self.entity,
-            key,
-            lambda: session.get(model, key),  # type: ignore[return-value]
-            cached=cached,
-        )
+        row: ModelT | None = cache.get_row(session, self.model_type, key, cached=cached)  # type: ignore[assignment]
+        return row
 
     def get_or_raise(self, ident: uuid.UUID | str, *, cached: bool | None = None) -> ModelT:
         """The row with primary key ``ident``; :class:`NotFoundError` if absent."""
