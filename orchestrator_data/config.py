@@ -50,6 +50,7 @@ class Settings:
     connect_timeout: float = 2.0
     pool_idle_timeout: float = 30.0
     pool_pre_ping: bool = True
+    pool_ping_after: float = 1.0  # ping only connections idle longer than this
     warm_pool: bool = True
     statement_timeout: float = 30.0
     slow_query_threshold: float = 1.0
@@ -92,6 +93,7 @@ class Settings:
             "pool_timeout",
             "connect_timeout",
             "pool_idle_timeout",
+            "pool_ping_after",
             "statement_timeout",
             "slow_query_threshold",
             "redis_connect_timeout",

@@ -24,10 +24,17 @@ from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
 from orchestrator_data.cache import Cache, CacheRegions
 from orchestrator_data.cache.layer import INFO_CACHE
+from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.engine import build_engine, warm_pool
-from orchestrator_data.errors import ConfigurationError, DatabaseTimeoutError
+from orchestrator_data.errors import (
+    ConfigurationError,
+    DatabaseTimeoutError,
+    DatabaseUnavailableError,
+)
 from orchestrator_data.metrics import Metrics
+from orchestrator_data.models import Achievement, Agent, Task
+from orchestrator_data.models import Session as SessionModel
 from orchestrator_data.transaction import run_with_retry
 from orchestrator_data.uow import UnitOfWork
 
@@ -55,13 +62,17 @@ class DataLayer:
                 "(the CLI starts embedded servers when it is missing)"
             )
         self.metrics = Metrics()
+        self._outcomes = {
+            name: self.metrics.transactions.labels(outcome=name)
+            for name in ("commit", "rollback", "error")
+        }
         self.engine: Engine = build_engine(self.settings, self.metrics)
         event.listen(self.engine, "handle_error", _translate_error)
         # One factory per (isolation, read-only) pair: the option engines carry
         # the isolation level into psycopg2's BEGIN, costing no extra round trip.
         self._factories: dict[tuple[str, bool], sessionmaker[OrmSession]] = {}
-        self._redis: Redis[bytes] | None = None
-        self._coordination_redis: Redis[bytes] | None = None
+        self._redis: Redis | None = None
+        self._coordination_redis: Redis | None = None
         self.cache = Cache(
             self.settings,
             self.redis if self.settings.redis_url else None,
@@ -79,11 +90,23 @@ class DataLayer:
                     autoflush=True,
                     info={INFO_CACHE: self.cache},
                 )
+        # Every write through these sessions becomes a Change: the audit trail
+        # and the cache subscribe to it (see changes.py).
+        self.changes = ChangeCapture([Agent, Task, SessionModel, Achievement])
         for factory in self._factories.values():
+            self.changes.install(factory)
             event.listen(factory, "after_begin", self.cache.after_begin)
+        # Invalidation happens after the outermost COMMIT only; a rollback
+        # (savepoint included) leaves nothing queued (see changes.py).
+        self.changes.on_commit(self.cache.on_commit)
         self._closed = False
         if self.settings.warm_pool and self.settings.pool_min > 0:
-            warm_pool(self.engine, self.settings.pool_min)
+            try:
+                warm_pool(self.engine, self.settings.pool_min)
+            except sa_exc.OperationalError as err:
+                self.engine.dispose()
+                self.cache.close()
+                raise unavailable(err) from err
         self.cache.start()
 
     # -- sessions and transactions -------------------------------------------
@@ -115,6 +138,9 @@ class DataLayer:
         try:
             # Check out the connection now, so a full pool fails here, clearly.
             session.connection()
+        except sa_exc.OperationalError as err:
+            session.close()
+            raise unavailable(err) from err
         except sa_exc.TimeoutError:
             session.close()
             raise DatabaseTimeoutError(
@@ -135,7 +161,7 @@ class DataLayer:
             raise
         finally:
             session.close()
-            self.metrics.transactions.labels(outcome=outcome).inc()
+            self._outcomes[outcome].inc()
 
     def run_in_transaction(
         self,
@@ -170,14 +196,14 @@ class DataLayer:
     # -- Redis -----------------------------------------------------------------
 
     @property
-    def redis(self) -> Redis[bytes]:
+    def redis(self) -> Redis:
         """The Redis client for caching (``REDIS_URL``); connects on first use."""
         if self._redis is None:
             self._redis = self._make_redis(self.settings.redis_url, "REDIS_URL")
         return self._redis
 
     @property
-    def coordination_redis(self) -> Redis[bytes]:
+    def coordination_redis(self) -> Redis:
         """The Redis for locks, sessions and queues (``COORDINATION_REDIS_URL``,
         defaulting to ``REDIS_URL``)."""
         if self.settings.coordination_redis_url in (None, self.settings.redis_url):
@@ -192,7 +218,7 @@ class DataLayer:
         """``name`` under this DataLayer's key prefix."""
         return self.settings.key_prefix + name
 
-    def _make_redis(self, url: str | None, env_name: str) -> Redis[bytes]:
+    def _make_redis(self, url: str | None, env_name: str) -> Redis:
         if not url:
             raise ConfigurationError(f"{env_name} is not set")
         s = self.settings
@@ -271,6 +297,13 @@ class DataLayer:
 
     def __repr__(self) -> str:
         return f"<DataLayer {self.settings!r}>"
+
+
+def unavailable(err: sa_exc.DBAPIError) -> DatabaseUnavailableError:
+    """The error for a failed connection attempt: libpq's first line (which
+    names host and port, never the password)."""
+    reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+    return DatabaseUnavailableError(f"cannot connect to PostgreSQL: {reason}")
 
 
 def _translate_error(context: Any) -> BaseException | None:

@@ -143,7 +143,7 @@ def _acquire_postgres(root: Path) -> _ProcessHandle:
         return handle
     handle = _ProcessHandle(_open_postgres(root / "pg"), os.getpid())
     _handles[root] = handle
-    # Registered once, and after pgserver's own hooks so that it runs before them.
+    # One exit hook serves every folder; unregistering first keeps it to one.
     atexit.unregister(_release_all)
     atexit.register(_release_all)
     return handle
@@ -256,7 +256,7 @@ def _read_int(path: Path) -> int | None:
 # --- Redis -------------------------------------------------------------------------------------
 
 
-def _client(port: int) -> redis.Redis[bytes]:
+def _client(port: int) -> redis.Redis:
     # No retries: a refused connection is an answer here (stale port, server gone after SHUTDOWN)
     # and redis-py's default backoff would turn each into seconds.
     no_retry = Retry(NoBackoff(), 0)

@@ -18,7 +18,6 @@ from orchestrator_data.metrics import Metrics
 slow_log = logging.getLogger("orchestrator_data.slow_query")
 
 _CHECKIN_AT = "orchestrator_data_checkin_at"
-_STARTED_AT = "orchestrator_data_query_start"
 
 
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
@@ -46,13 +45,15 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         pool_size=settings.pool_min if settings.pool_min > 0 else 1,
         max_overflow=settings.pool_max - max(settings.pool_min, 1),
         pool_timeout=settings.pool_timeout,
-        pool_pre_ping=settings.pool_pre_ping,
+        pool_pre_ping=False,  # done by _install_pool_hygiene, only after idleness
         pool_use_lifo=True,
         connect_args=connect_args,
         # Parameter values never reach logs or exception messages.
         hide_parameters=True,
     )
-    _install_idle_timeout(engine, settings.pool_idle_timeout)
+    _install_pool_hygiene(
+        engine, settings.pool_idle_timeout, settings.pool_pre_ping, settings.pool_ping_after
+    )
     _install_slow_query_log(engine, settings.slow_query_threshold, metrics)
     return engine
 
@@ -62,16 +63,22 @@ def warm_pool(engine: Engine, count: int) -> None:
     conns = []
     try:
         for _ in range(count):
-            conns.append(engine.raw_connection())
+            conns.append(engine.connect())
     finally:
         for conn in conns:
             conn.close()
 
 
-def _install_idle_timeout(engine: Engine, idle_timeout: float) -> None:
-    # QueuePool has no idle timeout of its own; a connection that sat in the
-    # pool longer than the design's 30 s is replaced on its next checkout.
-    # Raising DisconnectionError makes the pool discard it and connect anew.
+def _install_pool_hygiene(
+    engine: Engine, idle_timeout: float, pre_ping: bool, ping_after: float
+) -> None:
+    # QueuePool has no idle timeout of its own: a connection that sat in the
+    # pool longer than idle_timeout (the design's 30 s) is replaced on its next
+    # checkout. A connection idle for more than ping_after is pinged first
+    # (SQLAlchemy's pool_pre_ping would pay that round trip on every
+    # checkout; one used a moment ago is alive, and if the server died since,
+    # the error marks the whole pool invalid anyway). Raising
+    # DisconnectionError makes the pool discard it and connect anew.
     @event.listens_for(engine, "checkin")
     def _on_checkin(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
         record.info[_CHECKIN_AT] = time.monotonic()
@@ -79,23 +86,42 @@ def _install_idle_timeout(engine: Engine, idle_timeout: float) -> None:
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
         checked_in = record.info.get(_CHECKIN_AT)
-        if checked_in is not None and time.monotonic() - checked_in > idle_timeout:
+        if checked_in is None:
+            return  # fresh connection
+        idle = time.monotonic() - checked_in
+        if idle > idle_timeout:
             record.info.pop(_CHECKIN_AT, None)
             raise DisconnectionError("connection idle longer than pool_idle_timeout")
+        if pre_ping and idle > ping_after:
+            try:
+                cursor = dbapi_conn.cursor()
+                try:
+                    cursor.execute("SELECT 1")
+                finally:
+                    cursor.close()
+                dbapi_conn.rollback()
+            except Exception as err:  # any failure means the connection is unusable
+                record.info.pop(_CHECKIN_AT, None)
+                raise DisconnectionError("connection failed its pre-ping") from err
 
 
 def _install_slow_query_log(engine: Engine, threshold: float, metrics: Metrics | None) -> None:
+    # The start time rides on the execution context: cheaper than a stack in
+    # conn.info, and nothing to clean up when a statement fails.
     @event.listens_for(engine, "before_cursor_execute")
     def _before(
         conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
     ) -> None:
-        conn.info.setdefault(_STARTED_AT, []).append(time.perf_counter())
+        if context is not None:
+            context._od_started = time.perf_counter()
 
     @event.listens_for(engine, "after_cursor_execute")
     def _after(
         conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
     ) -> None:
-        started = conn.info[_STARTED_AT].pop()
+        started = getattr(context, "_od_started", None)
+        if started is None:
+            return
         elapsed = time.perf_counter() - started
         if elapsed >= threshold:
             if metrics is not None:
@@ -104,9 +130,3 @@ def _install_slow_query_log(engine: Engine, threshold: float, metrics: Metrics |
             slow_log.warning(
                 "slow query: %.3f s: %s [parameters redacted]", elapsed, " ".join(statement.split())
             )
-
-    @event.listens_for(engine, "handle_error")
-    def _on_error(context: Any) -> None:
-        stack = context.connection.info.get(_STARTED_AT) if context.connection is not None else None
-        if stack:
-            stack.pop()

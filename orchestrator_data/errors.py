@@ -75,6 +75,10 @@ class RetryExhaustedError(OrchestratorDataError):
         )
 
 
+class DatabaseUnavailableError(OrchestratorDataError):
+    """PostgreSQL could not be reached (refused, DNS, TLS, authentication)."""
+
+
 class DatabaseTimeoutError(OrchestratorDataError):
     """A statement exceeded ``statement_timeout`` or the pool had no free connection in time."""
 

@@ -43,6 +43,7 @@ from orchestrator_data.cache.keys import Keys, digest
 from orchestrator_data.cache.regions import CacheRegions
 from orchestrator_data.cache.serialization import Row, RowCodec
 from orchestrator_data.cache.stats import CacheStats
+from orchestrator_data.changes import has_written
 from orchestrator_data.config import Settings
 from orchestrator_data.models import Achievement, Agent, Base, Session, Task
 
@@ -52,8 +53,6 @@ log = logging.getLogger("orchestrator_data.cache")
 INFO_CACHE = "orchestrator_data.cache"
 INFO_FENCE = "orchestrator_data.cache.fence"
 INFO_READ_ONLY = "orchestrator_data.read_only"  # set by the unit of work
-#: Set by change capture once the transaction has written (see changes.py).
-INFO_WRITTEN = "orchestrator_data.changes.written"
 
 ENTITIES = ("agent", "task", "session", "achievement")
 ROW_MODELS: dict[str, type[Base]] = {"agent": Agent, "task": Task, "session": Session}
@@ -273,7 +272,7 @@ class Cache:
         if fence is None or not self._ready or self.breaker._state != CLOSED:
             return None
         if not read_only and (
-            info.get(INFO_WRITTEN) or session.new or session.deleted or session.dirty
+            has_written(session) or session.new or session.deleted or session.dirty
         ):
             # The transaction has written (or is about to, at the next
             # autoflush): its reads must see its own writes, from PostgreSQL.

@@ -8,6 +8,7 @@ duplicate name surfaces here as ``ConflictError``.
 from __future__ import annotations
 
 import builtins
+import functools
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
@@ -30,6 +31,13 @@ ModelT = TypeVar("ModelT", bound=Base)
 Q = TypeVar("Q")
 
 MAX_PAGE_SIZE = 1000
+
+
+@functools.cache
+def _schema(schema_type: type[EntitySchema]) -> EntitySchema:
+    # Building a marshmallow schema costs ~100 µs; loading keeps no state on
+    # the instance, so one per class serves every repository and thread.
+    return schema_type()
 
 
 def coerce_uuid(value: object, field: str = "id") -> uuid.UUID:
@@ -61,7 +69,7 @@ class Repository(Generic[ModelT]):
 
     def __init__(self, *, session: OrmSession) -> None:
         self.session = session
-        self._schema = self.schema_type()
+        self._schema = _schema(self.schema_type)
 
     @property
     def entity(self) -> str:

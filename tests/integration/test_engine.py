@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from orchestrator_data import DataLayer, Settings
+from orchestrator_data import DatabaseUnavailableError, DataLayer, Settings
 from orchestrator_data.errors import OrchestratorDataError
 
 
@@ -67,7 +67,7 @@ def test_passwords_stay_out_of_reprs_and_errors(od_settings: Settings) -> None:
     try:
         assert "Sup3r-Secret-Pw" not in repr(dl)
         assert "Sup3r-Secret-Pw" not in repr(dl.engine)
-        with pytest.raises(Exception) as info, dl.unit_of_work():
+        with pytest.raises(DatabaseUnavailableError) as info, dl.unit_of_work():
             pass
         assert "Sup3r-Secret-Pw" not in str(info.value)
         assert "Sup3r-Secret-Pw" not in repr(info.value)
@@ -78,3 +78,13 @@ def test_passwords_stay_out_of_reprs_and_errors(od_settings: Settings) -> None:
 def test_missing_database_url_is_a_clear_error() -> None:
     with pytest.raises(OrchestratorDataError, match="DATABASE_URL"):
         DataLayer(Settings())
+
+
+def test_tls_options_reach_libpq(make_data_layer: Callable[..., DataLayer]) -> None:
+    # The test server has no TLS: requiring it must fail, which shows the
+    # option is passed through rather than dropped.
+    dl = make_data_layer(sslmode="require", warm_pool=False)
+    with pytest.raises(DatabaseUnavailableError, match="SSL"), dl.unit_of_work():
+        pass
+    with pytest.raises(DatabaseUnavailableError, match="SSL"):
+        make_data_layer(sslmode="require")
