@@ -253,9 +253,10 @@ class Cache:
         # every generation recorded here belongs to a commit the snapshot sees.
         if getattr(transaction, "nested", False):
             return
-        session.info[INFO_FENCE] = (
-            dict(self._gens) if self._ready and self.breaker.state == CLOSED else None
-        )
+        # allow() also schedules the breaker's probe when one is due, so an
+        # open breaker recovers while traffic goes to PostgreSQL.
+        usable = self.breaker.allow() and self._ready
+        session.info[INFO_FENCE] = dict(self._gens) if usable else None
 
     def fence_for(self, session: OrmSession, cached: bool | None) -> Fence | None:
         """The fence of ``session``'s transaction if this read may use the
@@ -635,6 +636,7 @@ class Cache:
                 self._gens[e] = max(v, self._gens.get(e) or 0)
             self._ready = True
         self.stats_counters.l1_flushes += 1
+        self.breaker.allow()  # probe now if Redis was marked down
 
     def _on_down(self) -> None:
         # Invalidations published from now on may never reach us: stop
