@@ -70,6 +70,13 @@ def demo(
     click.echo(f"  failed attempts (retried or final): {report.attempts_failed}")
     click.echo(f"  transactions: {report.transactions} ({report.ops_per_second:.0f}/s)")
     click.echo(f"  serialization retries: {report.retries}")
+    c = report.cache
+    if c:
+        click.echo(
+            f"  cache hit ratio: {c['hit_ratio']:.2f} (L1 hits {c['l1_hits']:.0f}, "
+            f"L2 hits {c['l2_hits']:.0f}, database reads {c['loads']:.0f}; "
+            f"{c['invalidations']:.0f} invalidations, {c['bypassed']:.0f} reads bypassed)"
+        )
 
 
 @cli.group()
