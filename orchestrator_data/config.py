@@ -78,7 +78,7 @@ class Settings:
     cache_probe_interval: float = 1.0
     cache_probe_timeout: float = 0.25
     cache_slow_call: float = 0.5
-    # L2 fills waiting for the background writer; beyond this they are dropped.
+    # L2 fills sent but not yet acknowledged by Redis; beyond this they are dropped.
     cache_fill_queue: int = 10_000
     # Embedded servers (CLI / tests only).
     data_dir: str = ".orchestrator_data"

@@ -3,10 +3,12 @@
 Closed: calls go through. The first call that fails (after the client's own
 retries) or one that has been in flight longer than ``slow_call`` opens it.
 Open: calls are skipped at once, so a dead or hung Redis costs readers
-nothing and they never queue behind 5 s command timeouts. Every
-``probe_interval`` a background thread runs ``probe`` (a PING with a short
-timeout) and then ``on_recover`` (which may repair what was missed while
-Redis was away); when both succeed the breaker closes by itself.
+nothing and they never queue behind 5 s command timeouts. While open, a
+background thread runs ``probe`` (a PING with a short timeout) every
+``probe_interval`` and then ``on_recover`` (which may repair what was missed
+while Redis was away); when both succeed the breaker closes by itself, with
+or without traffic. Without a ``probe``, the first call after the interval
+is the probe (half-open).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class CircuitBreaker:
         self._inflight: dict[int, float] = {}
         self._tokens = itertools.count()
         self.opened = 0  # times opened, for metrics
+        self._stopped = threading.Event()
 
     @property
     def state(self) -> str:
@@ -76,20 +79,10 @@ class CircuitBreaker:
                 self.trip(f"a call has been in flight for more than {self.slow_call:.2f} s")
                 return False
             return True
-        now = time.monotonic()
-        if now >= self._next_probe and not self._probing:
+        if self._probe is None and time.monotonic() >= self._next_probe:
             with self._lock:
-                if self._probing or self._state == CLOSED:
-                    return self._state == CLOSED
-                self._probing = True
-                self._next_probe = now + self.probe_interval
-            if self._probe is None:
-                # No probe: this very call is the probe (half-open).
-                self._probing = False
-                return True
-            threading.Thread(
-                target=self._run_probe, name="cache-breaker-probe", daemon=True
-            ).start()
+                self._next_probe = time.monotonic() + self.probe_interval
+            return True  # half-open: this call is the probe
         return False
 
     def call(self, fn: Callable[[], T], default: T) -> T:
@@ -118,6 +111,10 @@ class CircuitBreaker:
             self._close()
         return result
 
+    def stop(self) -> None:
+        """End the probing (the owner is closing)."""
+        self._stopped.set()
+
     def trip(self, reason: str) -> None:
         """Open the breaker (idempotent)."""
         with self._lock:
@@ -126,6 +123,12 @@ class CircuitBreaker:
             self._state = OPEN
             self._next_probe = time.monotonic() + self.probe_interval
             self.opened += 1
+            start_probe = self._probe is not None and not self._probing
+            self._probing = self._probing or start_probe
+        if start_probe:
+            threading.Thread(
+                target=self._probe_loop, name="cache-breaker-probe", daemon=True
+            ).start()
         log.warning("redis cache unavailable (%s): reading from PostgreSQL only", reason)
         if self._on_state_change is not None:
             self._on_state_change(OPEN)
@@ -140,15 +143,19 @@ class CircuitBreaker:
         if self._on_state_change is not None:
             self._on_state_change(CLOSED)
 
-    def _run_probe(self) -> None:
+    def _probe_loop(self) -> None:
         try:
-            if self._probe is not None:
-                self._probe()
-            if self._on_recover is not None:
-                self._on_recover()
-        except REDIS_ERRORS as err:
-            log.debug("redis probe failed: %s", err)
-        else:
-            self._close()
+            while self._state != CLOSED:
+                if self._stopped.wait(self.probe_interval):
+                    return
+                try:
+                    if self._probe is not None:
+                        self._probe()
+                    if self._on_recover is not None:
+                        self._on_recover()
+                except REDIS_ERRORS as err:
+                    log.debug("redis probe failed: %s", err)
+                else:
+                    self._close()
         finally:
             self._probing = False

@@ -179,12 +179,11 @@ class Cache:
         self.l2: RedisBackend | None = (
             cast(RedisBackend, self.regions.l2.backend) if client is not None else None
         )
-        self._filler = Filler(self.breaker, max_pending=s.cache_fill_queue)
+        self._filler = Filler(client, self.breaker, max_pending=s.cache_fill_queue)
         self._subscriber: Subscriber | None = None
         if self.enabled and client is not None:
             self._bump_script = client.register_script(scripts.BUMP)
             self._read_script = client.register_script(scripts.READ_COUNTERS)
-            self._fill_script = client.register_script(scripts.FILL_ENTITY)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -227,7 +226,7 @@ class Cache:
         return self.usable
 
     def wait_for_fills(self) -> None:
-        """Block until the background L2 fills submitted so far are written."""
+        """Block until the L2 fills submitted so far are written."""
         self._filler.wait()
 
     def close(self) -> None:
@@ -235,6 +234,7 @@ class Cache:
             return
         self._closed = True
         self._ready = False
+        self.breaker.stop()
         if self._subscriber is not None:
             self._subscriber.stop()
         self._filler.stop()
@@ -253,9 +253,7 @@ class Cache:
         # every generation recorded here belongs to a commit the snapshot sees.
         if getattr(transaction, "nested", False):
             return
-        # allow() also schedules the breaker's probe when one is due, so an
-        # open breaker recovers while traffic goes to PostgreSQL.
-        usable = self.breaker.allow() and self._ready
+        usable = self._ready and self.breaker.allow()
         session.info[INFO_FENCE] = dict(self._gens) if usable else None
 
     def fence_for(self, session: OrmSession, cached: bool | None) -> Fence | None:
@@ -308,24 +306,29 @@ class Cache:
             stats.l1_hits += 1
             return codec.hydrate(found.payload[2])
         stats.l1_misses += 1
+        key = self.keys.entity(entity, ident)
+        # L2 outside the lock: an L2 hit costs one round trip and no locking.
+        row = self._l2_row(codec, key)
+        if row is not None:
+            self.regions.l1.set(local, (entity, gen, row))  # type: ignore[arg-type]
+            return codec.hydrate(row)
         loaded: list[ModelT | None] = []
 
-        def create() -> tuple[str, int, Row] | None:
-            key = self.keys.entity(entity, ident)
-            row = self._l2_row(codec, key)
-            if row is None:
-                stats.loads += 1
-                obj = session.get(model, ident)
-                loaded.append(obj)
-                if obj is None:
-                    return None
-                row = codec.from_instance(obj)
-                self._fill_row(codec, key, gen, row)
-            return (entity, gen, row)
+        def load() -> tuple[str, int, Row] | None:
+            # Under dogpile's per-key lock: concurrent misses wait for this
+            # one read and then find its row in L1.
+            stats.loads += 1
+            obj = session.get(model, ident)
+            loaded.append(obj)
+            if obj is None:
+                return None
+            loaded_row = codec.from_instance(obj)
+            self._fill_row(codec, key, gen, loaded_row)
+            return (entity, gen, loaded_row)
 
         value = self.regions.l1.get_or_create(
             local,  # type: ignore[arg-type]
-            create,
+            load,
             should_cache_fn=_is_not_none,
         )
         if loaded:
@@ -397,20 +400,23 @@ class Cache:
             stats.l1_hits += 1
             return codec.from_l1(found.payload[2])
         stats.l1_misses += 1
+        frozen = self._l2_value(key, codec, str(gen) if stamp else None)
+        if frozen is not NO_VALUE:
+            self.regions.l1.set(key, (entity, gen, frozen))
+            hit: Q = codec.from_l1(frozen)
+            return hit
         loaded: list[Q] = []
 
         def create() -> tuple[str, int, Any]:
-            frozen = self._l2_value(key, codec, str(gen) if stamp else None)
-            if frozen is NO_VALUE:
-                stats.loads += 1
-                value = load()
-                loaded.append(value)
-                frozen = codec.to_l1(value)
-                text = serialization.dumps(codec.to_json(frozen))
-                if stamp:
-                    text = f"{gen}|{text}"
-                self._fill_plain(key, text, ttl)
-            return (entity, gen, frozen)
+            stats.loads += 1
+            value = load()
+            loaded.append(value)
+            fresh = codec.to_l1(value)
+            text = serialization.dumps(codec.to_json(fresh))
+            if stamp:
+                text = f"{gen}|{text}"
+            self._fill_plain(key, text, ttl)
+            return (entity, gen, fresh)
 
         cv = self.regions.l1.get_or_create(key, create)
         if loaded:
@@ -466,31 +472,36 @@ class Cache:
         return frozen
 
     def _fill_row(self, codec: RowCodec[Any], key: str, gen: int, row: Row) -> None:
-        text = codec.dumps(row)
         entity = codec.entity
-        ttl_ms = int(self._l2_ttl[entity] * 1000)
-        keys = [key, self.keys.generation(entity), self.keys.epoch(entity)]
-        args: list[str | int] = [str(gen), text, ttl_ms, self._counter_ttl_ms]
         stats = self.stats_counters
 
-        def job() -> None:
-            if self._fill_script(keys=keys, args=args):
+        def on_reply(written: Any) -> None:
+            if written:
                 stats.l2_fills += 1
             else:
                 stats.fills_refused += 1
 
-        self._filler.submit(job)
+        self._filler.submit(
+            on_reply,
+            "EVAL",
+            scripts.FILL_ENTITY,
+            3,
+            key,
+            self.keys.generation(entity),
+            self.keys.epoch(entity),
+            str(gen),
+            codec.dumps(row),
+            int(self._l2_ttl[entity] * 1000),
+            self._counter_ttl_ms,
+        )
 
     def _fill_plain(self, key: str, text: str, ttl: float) -> None:
-        client = self.client
-        assert client is not None
         stats = self.stats_counters
 
-        def job() -> None:
-            client.set(key, text, px=int(ttl * 1000))
+        def on_reply(_: Any) -> None:
             stats.l2_fills += 1
 
-        self._filler.submit(job)
+        self._filler.submit(on_reply, "SET", key, text, "PX", int(ttl * 1000))
 
     # -- L1 --------------------------------------------------------------------------
 
@@ -636,7 +647,6 @@ class Cache:
                 self._gens[e] = max(v, self._gens.get(e) or 0)
             self._ready = True
         self.stats_counters.l1_flushes += 1
-        self.breaker.allow()  # probe now if Redis was marked down
 
     def _on_down(self) -> None:
         # Invalidations published from now on may never reach us: stop

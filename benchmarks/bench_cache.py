@@ -1,0 +1,320 @@
+"""The multi-level cache against its raw baselines and its closest peer, in one run.
+
+    python benchmarks/bench_cache.py
+
+Reads DATABASE_URL / REDIS_URL (or starts the embedded servers), creates and
+drops its own database, and writes Redis keys under its own prefix only.
+
+Baselines: raw dogpile memory-region get, raw redis-py GET + json.loads,
+plain SQLAlchemy ORM ``session.get`` (identity map emptied, so it reads
+PostgreSQL). Ours: repository ``get`` as an L1 hit, an L2 hit and a miss,
+and a cached query result, all inside an open read-only unit of work (whose
+own open/close is reported separately). Peer: advanced-alchemy's
+``SQLAlchemySyncRepository.get`` with its dogpile ``CacheManager`` on the
+memory and the Redis backends.
+
+Targets: L1 hit <= 15 us and >= 40x faster than plain ORM get; L2 hit <=
+1.5x raw GET + decode; miss <= 1.25x plain ORM get; every cached path faster
+than the peer's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from _common import bench_database, interleaved_us, iterations, median_us, print_table
+from dogpile.cache import make_region
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator_data import DataLayer, Settings
+from orchestrator_data.cache.serialization import RowCodec
+from orchestrator_data.config import sqlalchemy_url
+from orchestrator_data.models import Agent
+
+N_AGENTS = 3000
+
+
+def peer(url: str, redis_url: str, prefix: str) -> dict[str, Any]:
+    """advanced-alchemy's cached repository (memory and Redis), or its plain
+    repository when the installed version has no cache API."""
+    try:
+        from advanced_alchemy.cache import CacheConfig, CacheManager
+        from advanced_alchemy.repository import SQLAlchemySyncRepository
+    except ImportError as err:  # pragma: no cover - depends on the installed version
+        print(f"advanced-alchemy cache API unavailable ({err}); measuring its plain repository")
+        return {}
+
+    class AgentRepo(SQLAlchemySyncRepository[Agent]):  # type: ignore[type-var]
+        model_type = Agent
+
+    u = make_url(redis_url)
+    managers = {
+        "memory": CacheManager(CacheConfig(backend="dogpile.cache.memory", expiration_time=300)),
+        "redis": CacheManager(
+            CacheConfig(
+                backend="dogpile.cache.redis",
+                expiration_time=300,
+                key_prefix=f"{prefix}aa:",
+                arguments={"host": u.host, "port": u.port or 6379, "db": int(u.database or 0)},
+            )
+        ),
+    }
+    return {"repo": AgentRepo, "managers": managers}
+
+
+def main() -> None:
+    with bench_database("od_bench_cache") as servers:
+        url = sqlalchemy_url(servers.database_url)
+        prefix = f"od_bench_cache_{uuid.uuid4().hex[:8]}:"
+        base = Settings(
+            database_url=url,
+            redis_url=servers.redis_url,
+            key_prefix=prefix,
+            pool_min=2,
+            warm_pool=False,
+        )
+        client = redis.Redis.from_url(servers.redis_url)
+        dl = DataLayer(base)
+        small_l1 = DataLayer(base.with_overrides(l1_max_entries=1))
+        cold = DataLayer(base.with_overrides(key_prefix=prefix + "cold:"))
+        try:
+            for layer in (dl, small_l1, cold):
+                assert layer.cache.wait_ready(), "cache did not become ready"
+            with dl.unit_of_work() as uow:
+                ids = [
+                    uow.agents.create(
+                        name=f"bench-{i}",
+                        role="r",
+                        capabilities=["plan", "code"],
+                        metadata={"model": "bench", "version": i},
+                    ).id
+                    for i in range(N_AGENTS)
+                ]
+                uow.commit()
+            run(dl, small_l1, cold, client, ids, url, servers.redis_url, prefix)
+        finally:
+            for layer in (dl, small_l1, cold):
+                layer.close()
+            for key in client.scan_iter(match=prefix + "*", count=1000):
+                client.delete(key)
+            client.close()
+
+
+def run(
+    dl: DataLayer,
+    small_l1: DataLayer,
+    cold: DataLayer,
+    client: redis.Redis,
+    ids: list[uuid.UUID],
+    url: str,
+    redis_url: str,
+    prefix: str,
+) -> None:
+    rng = random.Random(1)
+    hot = ids[:1000]
+    pick_hot = itertools.cycle(rng.sample(hot, len(hot))).__next__
+    n = iterations(20_000)
+
+    # -- raw baselines ---------------------------------------------------------
+    codec = RowCodec(Agent)
+    with dl.unit_of_work(read_only=True) as uow:
+        sample = uow.session.get(Agent, ids[0])
+        assert sample is not None
+        text = codec.dumps(codec.from_instance(sample))
+    memory = make_region().configure("dogpile.cache.memory")
+    memory.set("k", text)
+    raw_key = prefix + "raw"
+    client.set(raw_key, text)
+    engine = create_engine(url, pool_size=2)
+    plain = sessionmaker(bind=engine)
+
+    # -- warm the caches -------------------------------------------------------------
+    with dl.unit_of_work(read_only=True) as uow:
+        for ident in hot:
+            uow.agents.get(ident)
+        uow.agents.list(limit=10, role="r")
+        uow.agents.count(role="r")
+    dl.cache.wait_for_fills()
+
+    # -- the unit of work's own cost ------------------------------------------------
+    def uow_open_close() -> None:
+        with dl.unit_of_work(read_only=True):
+            pass
+
+    uow_us = median_us(uow_open_close, iterations=iterations(3000))
+
+    # -- hits ---------------------------------------------------------------------------
+    results: dict[str, float] = {}
+    with (
+        dl.unit_of_work(read_only=True) as uow,
+        small_l1.unit_of_work(read_only=True) as uow_l2,
+        plain() as session,
+    ):
+        session.begin()
+        session.connection()
+        agents, agents_l2 = uow.agents, uow_l2.agents
+
+        def orm_get() -> None:
+            session.get(Agent, pick_hot())
+            session.expunge_all()
+
+        fns: dict[str, Callable[[], object]] = {
+            "raw dogpile memory get": lambda: memory.get("k"),
+            "raw redis GET + json decode": lambda: json.loads(client.get(raw_key)),  # type: ignore[arg-type]
+            "repository get, L1 hit": lambda: agents.get(pick_hot()),
+            "repository get, L2 hit": lambda: agents_l2.get(pick_hot()),
+            "cached query hit: list(limit=10)": lambda: agents.list(limit=10, role="r"),
+            "cached query hit: count()": lambda: agents.count(role="r"),
+        }
+        results.update(interleaved_us(fns, iterations=n))
+        # Database-bound paths: fewer iterations.
+        slow: dict[str, Callable[[], object]] = {
+            "plain ORM session.get": orm_get,
+            "uncached query: list(limit=10)": lambda: agents.list(
+                limit=10, role="r", cached=False
+            ),
+            "uncached query: count()": lambda: agents.count(role="r", cached=False),
+        }
+        results.update(interleaved_us(slow, iterations=iterations(3000)))
+
+    # -- misses: every id read once, through an empty L1 and L2 ------------------------------
+    fresh = iter(ids[1000:])
+    fresh_orm = itertools.cycle(ids[1000:]).__next__
+    with cold.unit_of_work(read_only=True) as uow, plain() as session:
+        session.begin()
+        session.connection()
+        agents_cold = uow.agents
+
+        def orm_fresh() -> None:
+            session.get(Agent, fresh_orm())
+            session.expunge_all()
+
+        def miss() -> None:
+            agents_cold.get(next(fresh))
+
+        results.update(
+            interleaved_us(
+                {"plain ORM session.get (miss set)": orm_fresh, "repository get, miss": miss},
+                iterations=min(iterations(1800), 1800),
+                batch=10,
+                warmup=20,
+            )
+        )
+    cold.cache.wait_for_fills()
+
+    # -- the peer ---------------------------------------------------------------------------
+    aa = peer(url, redis_url, prefix)
+    if aa:
+        repo_type = aa["repo"]
+        for name, manager in aa["managers"].items():
+            with plain() as session:
+                session.begin()
+                repo = repo_type(session=session, cache_manager=manager, auto_expunge=True)
+                for ident in hot:
+                    repo.get(ident)
+
+                def aa_get(r: Any = repo, s: Session = session) -> None:
+                    r.get(pick_hot())
+                    s.expunge_all()
+
+                results[f"advanced-alchemy get, {name} cache hit"] = median_us(
+                    aa_get, iterations=iterations(3000)
+                )
+        with plain() as session:
+            session.begin()
+            repo = repo_type(session=session, auto_expunge=True)
+            results["advanced-alchemy get, no cache"] = median_us(
+                lambda: repo.get(pick_hot()), iterations=iterations(3000)
+            )
+        miss_ids = iter(ids[1000 + 1800 :] + ids[1000:1800])
+        manager = aa["managers"]["redis"]
+        with plain() as session:
+            session.begin()
+            repo = repo_type(session=session, cache_manager=manager, auto_expunge=True)
+            results["advanced-alchemy get, redis cache miss"] = median_us(
+                lambda: repo.get(next(miss_ids)), iterations=min(iterations(900), 900), warmup=10
+            )
+        for key in client.scan_iter(match=prefix + "aa:*", count=1000):
+            client.delete(key)
+    engine.dispose()
+    report(results, uow_us)
+
+
+def report(r: dict[str, float], uow_us: float) -> None:
+    orm = r["plain ORM session.get"]
+    raw_redis = r["raw redis GET + json decode"]
+    rows = [
+        ("raw dogpile memory get", r["raw dogpile memory get"], "-", 1.0),
+        ("raw redis GET + json decode", raw_redis, "-", 1.0),
+        ("plain ORM session.get", orm, "-", 1.0),
+        ("read-only unit of work open + close", uow_us, "-", 1.0),
+        ("repository get, L1 hit", r["repository get, L1 hit"], "plain ORM get", 0.0),
+        ("repository get, L2 hit", r["repository get, L2 hit"], "raw redis GET + decode", 0.0),
+        (
+            "repository get, miss",
+            r["repository get, miss"],
+            "plain ORM get (same ids)",
+            r["plain ORM session.get (miss set)"],
+        ),
+        (
+            "cached query hit: list(limit=10)",
+            r["cached query hit: list(limit=10)"],
+            "uncached list",
+            r["uncached query: list(limit=10)"],
+        ),
+        (
+            "cached query hit: count()",
+            r["cached query hit: count()"],
+            "uncached count",
+            r["uncached query: count()"],
+        ),
+    ]
+    table = []
+    for name, us, base, ref in rows:
+        if base == "plain ORM get":
+            ref = orm
+        elif base == "raw redis GET + decode":
+            ref = raw_redis
+        elif base == "-":
+            ref = us
+        table.append((name, us, base, us / ref if ref else 0.0))
+    peer_rows = [
+        ("repository get, L1 hit", "advanced-alchemy get, memory cache hit"),
+        ("repository get, L2 hit", "advanced-alchemy get, redis cache hit"),
+        ("repository get, miss", "advanced-alchemy get, redis cache miss"),
+    ]
+    for ours, theirs in peer_rows:
+        if theirs in r:
+            table.append((theirs, r[theirs], ours, r[theirs] / r[ours]))
+    if "advanced-alchemy get, no cache" in r:
+        table.append(("advanced-alchemy get, no cache", r["advanced-alchemy get, no cache"], "-", 1))
+    print_table("Cache: medians (ratio = this row / the 'vs' row)", table)
+
+    l1 = r["repository get, L1 hit"]
+    checks = [
+        ("L1 hit <= 15 us", l1 <= 15),
+        ("L1 hit >= 40x faster than plain ORM get", orm / l1 >= 40),
+        ("L2 hit <= 1.5x raw GET + decode", r["repository get, L2 hit"] / raw_redis <= 1.5),
+        (
+            "miss <= 1.25x plain ORM get",
+            r["repository get, miss"] / r["plain ORM session.get (miss set)"] <= 1.25,
+        ),
+    ]
+    checks += [(f"{ours} faster than {theirs}", r[ours] < r[theirs]) for ours, theirs in peer_rows
+               if theirs in r]
+    print("\n### Targets\n")
+    for name, ok in checks:
+        print(f"- {'met' if ok else 'MISSED'}: {name}")
+    print(f"\nL1 hit is {orm / l1:.0f}x faster than plain ORM get.")
+
+
+if __name__ == "__main__":
+    main()
