@@ -32,14 +32,14 @@ from _common import bench_database, interleaved_us, iterations, median_us, print
 from dogpile.cache import make_region
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from orchestrator_data import DataLayer, Settings
 from orchestrator_data.cache.serialization import RowCodec
 from orchestrator_data.config import sqlalchemy_url
 from orchestrator_data.models import Agent
 
-N_AGENTS = 3000
+N_AGENTS = 3000  # 1000 hot ids, 2000 read once each by the miss measurements
 
 
 def peer(url: str, redis_url: str, prefix: str) -> dict[str, Any]:
@@ -151,99 +151,92 @@ def run(
 
     uow_us = median_us(uow_open_close, iterations=iterations(3000))
 
-    # -- hits ---------------------------------------------------------------------------
+    # -- the peer, set up so that its paths run interleaved with ours -----------------
+    aa = peer(url, redis_url, prefix)
     results: dict[str, float] = {}
     with (
         dl.unit_of_work(read_only=True) as uow,
         small_l1.unit_of_work(read_only=True) as uow_l2,
         plain() as session,
+        plain() as aa_mem_session,
+        plain() as aa_redis_session,
+        plain() as aa_plain_session,
     ):
-        session.begin()
-        session.connection()
+        for s in (session, aa_mem_session, aa_redis_session, aa_plain_session):
+            s.begin()
+            s.connection()
         agents, agents_l2 = uow.agents, uow_l2.agents
+        fast: dict[str, Callable[[], object]] = {
+            "raw dogpile memory get": lambda: memory.get("k"),
+            "repository get, L1 hit": lambda: agents.get(pick_hot()),
+            "cached query hit: list(limit=10)": lambda: agents.list(limit=10, role="r"),
+            "cached query hit: count()": lambda: agents.count(role="r"),
+        }
+        redis_bound: dict[str, Callable[[], object]] = {
+            "raw redis GET + json decode": lambda: json.loads(client.get(raw_key)),  # type: ignore[arg-type]
+            "repository get, L2 hit": lambda: agents_l2.get(pick_hot()),
+        }
 
         def orm_get() -> None:
             session.get(Agent, pick_hot())
             session.expunge_all()
 
-        fns: dict[str, Callable[[], object]] = {
-            "raw dogpile memory get": lambda: memory.get("k"),
-            "raw redis GET + json decode": lambda: json.loads(client.get(raw_key)),  # type: ignore[arg-type]
-            "repository get, L1 hit": lambda: agents.get(pick_hot()),
-            "repository get, L2 hit": lambda: agents_l2.get(pick_hot()),
-            "cached query hit: list(limit=10)": lambda: agents.list(limit=10, role="r"),
-            "cached query hit: count()": lambda: agents.count(role="r"),
-        }
-        results.update(interleaved_us(fns, iterations=n))
-        # Database-bound paths: fewer iterations.
-        slow: dict[str, Callable[[], object]] = {
+        db_bound: dict[str, Callable[[], object]] = {
             "plain ORM session.get": orm_get,
-            "uncached query: list(limit=10)": lambda: agents.list(
-                limit=10, role="r", cached=False
-            ),
+            "uncached query: list(limit=10)": lambda: agents.list(limit=10, role="r", cached=False),
             "uncached query: count()": lambda: agents.count(role="r", cached=False),
         }
-        results.update(interleaved_us(slow, iterations=iterations(3000)))
+        if aa:
+            repo_type = aa["repo"]
+            aa_mem = repo_type(
+                session=aa_mem_session, cache_manager=aa["managers"]["memory"], auto_expunge=True
+            )
+            aa_redis = repo_type(
+                session=aa_redis_session, cache_manager=aa["managers"]["redis"], auto_expunge=True
+            )
+            aa_plain = repo_type(session=aa_plain_session, auto_expunge=True)
+            for ident in hot:
+                aa_mem.get(ident)
+                aa_redis.get(ident)
+            fast["advanced-alchemy get, memory cache hit"] = lambda: aa_mem.get(pick_hot())
+            redis_bound["advanced-alchemy get, redis cache hit"] = lambda: aa_redis.get(pick_hot())
+            db_bound["advanced-alchemy get, no cache"] = lambda: aa_plain.get(pick_hot())
+        results.update(interleaved_us(fast, iterations=n, batch=200))
+        results.update(interleaved_us(redis_bound, iterations=iterations(6000)))
+        results.update(interleaved_us(db_bound, iterations=iterations(3000)))
 
-    # -- misses: every id read once, through an empty L1 and L2 ------------------------------
-    fresh = iter(ids[1000:])
-    fresh_orm = itertools.cycle(ids[1000:]).__next__
-    with cold.unit_of_work(read_only=True) as uow, plain() as session:
-        session.begin()
-        session.connection()
+    # -- misses: every id read once, through empty caches --------------------------------------
+    fresh_ids = ids[1000:]
+    with (
+        cold.unit_of_work(read_only=True) as uow,
+        plain() as session,
+        plain() as aa_session,
+    ):
+        for s in (session, aa_session):
+            s.begin()
+            s.connection()
         agents_cold = uow.agents
+        ours, theirs, orm_ids = iter(fresh_ids), iter(fresh_ids), iter(fresh_ids)
 
         def orm_fresh() -> None:
-            session.get(Agent, fresh_orm())
+            session.get(Agent, next(orm_ids))
             session.expunge_all()
 
-        def miss() -> None:
-            agents_cold.get(next(fresh))
-
-        results.update(
-            interleaved_us(
-                {"plain ORM session.get (miss set)": orm_fresh, "repository get, miss": miss},
-                iterations=min(iterations(1800), 1800),
-                batch=10,
-                warmup=20,
+        misses: dict[str, Callable[[], object]] = {
+            "plain ORM session.get (miss set)": orm_fresh,
+            "repository get, miss": lambda: agents_cold.get(next(ours)),
+        }
+        if aa:
+            aa_cold = aa["repo"](
+                session=aa_session, cache_manager=aa["managers"]["redis"], auto_expunge=True
             )
+            misses["advanced-alchemy get, redis cache miss"] = lambda: aa_cold.get(next(theirs))
+        results.update(
+            interleaved_us(misses, iterations=min(iterations(1900), 1900), batch=10, warmup=5)
         )
     cold.cache.wait_for_fills()
-
-    # -- the peer ---------------------------------------------------------------------------
-    aa = peer(url, redis_url, prefix)
-    if aa:
-        repo_type = aa["repo"]
-        for name, manager in aa["managers"].items():
-            with plain() as session:
-                session.begin()
-                repo = repo_type(session=session, cache_manager=manager, auto_expunge=True)
-                for ident in hot:
-                    repo.get(ident)
-
-                def aa_get(r: Any = repo, s: Session = session) -> None:
-                    r.get(pick_hot())
-                    s.expunge_all()
-
-                results[f"advanced-alchemy get, {name} cache hit"] = median_us(
-                    aa_get, iterations=iterations(3000)
-                )
-        with plain() as session:
-            session.begin()
-            repo = repo_type(session=session, auto_expunge=True)
-            results["advanced-alchemy get, no cache"] = median_us(
-                lambda: repo.get(pick_hot()), iterations=iterations(3000)
-            )
-        miss_ids = iter(ids[1000 + 1800 :] + ids[1000:1800])
-        manager = aa["managers"]["redis"]
-        with plain() as session:
-            session.begin()
-            repo = repo_type(session=session, cache_manager=manager, auto_expunge=True)
-            results["advanced-alchemy get, redis cache miss"] = median_us(
-                lambda: repo.get(next(miss_ids)), iterations=min(iterations(900), 900), warmup=10
-            )
-        for key in client.scan_iter(match=prefix + "aa:*", count=1000):
-            client.delete(key)
+    for key in client.scan_iter(match=prefix + "aa:*", count=1000):
+        client.delete(key)
     engine.dispose()
     report(results, uow_us)
 
@@ -295,7 +288,8 @@ def report(r: dict[str, float], uow_us: float) -> None:
         if theirs in r:
             table.append((theirs, r[theirs], ours, r[theirs] / r[ours]))
     if "advanced-alchemy get, no cache" in r:
-        table.append(("advanced-alchemy get, no cache", r["advanced-alchemy get, no cache"], "-", 1))
+        no_cache = r["advanced-alchemy get, no cache"]
+        table.append(("advanced-alchemy get, no cache", no_cache, "plain ORM get", no_cache / orm))
     print_table("Cache: medians (ratio = this row / the 'vs' row)", table)
 
     l1 = r["repository get, L1 hit"]
@@ -308,8 +302,11 @@ def report(r: dict[str, float], uow_us: float) -> None:
             r["repository get, miss"] / r["plain ORM session.get (miss set)"] <= 1.25,
         ),
     ]
-    checks += [(f"{ours} faster than {theirs}", r[ours] < r[theirs]) for ours, theirs in peer_rows
-               if theirs in r]
+    checks += [
+        (f"{ours} faster than {theirs}", r[ours] < r[theirs])
+        for ours, theirs in peer_rows
+        if theirs in r
+    ]
     print("\n### Targets\n")
     for name, ok in checks:
         print(f"- {'met' if ok else 'MISSED'}: {name}")

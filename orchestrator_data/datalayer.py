@@ -96,6 +96,7 @@ class DataLayer:
         for factory in self._factories.values():
             self.changes.install(factory)
             event.listen(factory, "after_begin", self.cache.after_begin)
+            event.listen(factory, "after_transaction_end", self.cache.after_transaction_end)
         # Invalidation happens after the outermost COMMIT only; a rollback
         # (savepoint included) leaves nothing queued (see changes.py).
         self.changes.on_commit(self.cache.on_commit)

@@ -1,14 +1,17 @@
-"""L2 fills written without waiting for Redis to answer.
+"""L2 fills, batched and written without waiting for Redis to answer.
 
 A miss has already paid a Redis round trip (the L2 lookup) and a database
 read; making it wait for a second round trip to store what it read would
-put the fill on the caller's time. Fills are therefore sent on a connection
-of their own and their replies read later, whenever they have arrived (at
-the next fill, or in :meth:`Filler.wait`). No background thread: one fewer
-thread to wake per miss, which on a busy host costs more than the send.
+put the fill on the caller's time. Fills are therefore buffered, sent in
+one write when the transaction ends (or when ``batch`` of them are waiting),
+on a connection of their own, and their replies are read later, whenever
+they have arrived (at the next flush, or in :meth:`Filler.wait`). No
+background thread: waking one per miss costs more than the write on a busy
+host. Delay is harmless to correctness: every entity fill is a
+compare-and-set against the generation its reader saw (see scripts.py).
 
-Fills are dropped when the breaker is open or too many replies are still
-outstanding: a lost fill only costs a later miss.
+Fills are dropped when the breaker is open or too many are outstanding: a
+lost fill only costs a later miss.
 """
 
 from __future__ import annotations
@@ -32,35 +35,59 @@ OnReply = Callable[[Any], object]
 
 class Filler:
     def __init__(
-        self, client: Redis | None, breaker: CircuitBreaker, *, max_pending: int = 10_000
+        self,
+        client: Redis | None,
+        breaker: CircuitBreaker,
+        *,
+        max_pending: int = 10_000,
+        batch: int = 32,
     ) -> None:
         self._client = client
         self._breaker = breaker
         self._max_pending = max_pending
+        self._batch = batch
         self._conn: Connection | None = None
+        self._buffer: list[tuple[OnReply, tuple[str | int, ...]]] = []
         self._pending: deque[OnReply] = deque()
         self._lock = threading.Lock()
         self.dropped = 0
 
     def submit(self, on_reply: OnReply, *command: str | int) -> None:
-        """Send ``command``; ``on_reply(reply)`` runs when its reply is read."""
-        if self._client is None or not self._breaker.allow():
+        """Queue ``command``; ``on_reply(reply)`` runs when its reply is read."""
+        if self._client is None or len(self._buffer) + len(self._pending) >= self._max_pending:
             self.dropped += 1
             return
         with self._lock:
+            self._buffer.append((on_reply, command))
+            full = len(self._buffer) >= self._batch
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the queued fills in one write, without waiting for replies."""
+        if not self._buffer:
+            return
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            if not batch:
+                return
+            if not self._breaker.allow():
+                self.dropped += len(batch)
+                return
             try:
                 conn = self._connection()
                 self._drain(conn, block=False)
-                if len(self._pending) >= self._max_pending:
-                    self.dropped += 1
-                    return
-                conn.send_command(*command)  # type: ignore[no-untyped-call]
-                self._pending.append(on_reply)
+                packed = conn.pack_commands([cmd for _, cmd in batch])  # type: ignore[no-untyped-call]
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                self._pending.extend(on_reply for on_reply, _ in batch)
             except REDIS_ERRORS as err:
+                self.dropped += len(batch)
                 self._broken(err)
 
     def wait(self) -> None:
-        """Read every outstanding reply (fills submitted so far are written)."""
+        """Send what is queued and read every outstanding reply: the fills
+        submitted so far are written (or known to be refused)."""
+        self.flush()
         with self._lock:
             if self._conn is None:
                 return

@@ -256,6 +256,11 @@ class Cache:
         usable = self._ready and self.breaker.allow()
         session.info[INFO_FENCE] = dict(self._gens) if usable else None
 
+    def after_transaction_end(self, session: OrmSession, transaction: Any) -> None:
+        # One write for all the fills the transaction's misses queued.
+        if transaction.parent is None:
+            self._filler.flush()
+
     def fence_for(self, session: OrmSession, cached: bool | None) -> Fence | None:
         """The fence of ``session``'s transaction if this read may use the
         cache, else None. ``cached``: None = the unit of work decides (read-only
