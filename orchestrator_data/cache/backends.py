@@ -55,9 +55,10 @@ class LRUBackend(CacheBackend):
         self._clock = time.monotonic
 
     def get(self, key: KeyType) -> Any:
-        with self.lock:
-            entry = self._lru.get(key)
-        if entry is None:
+        try:
+            with self.lock:
+                entry = self._lru[key]
+        except KeyError:
             return NO_VALUE
         if entry[0] < self._clock():
             self.delete(key)

@@ -304,8 +304,9 @@ class Cache:
             stats.bypassed += 1
             return session.get(model, ident)
         codec: RowCodec[ModelT] = self.codecs[entity]
-        # L1 keys rows by (entity, id): no string formatting on a hit.
-        local = (entity, ident)
+        # L1 keys rows by (entity, id as int): no string formatting and no
+        # Python-level UUID.__hash__ on a hit.
+        local = (entity, ident.int)
         found = self.l1.get(local)  # type: ignore[arg-type]
         if found is not NO_VALUE:
             stats.l1_hits += 1
@@ -510,12 +511,12 @@ class Cache:
 
     # -- L1 --------------------------------------------------------------------------
 
-    def _kind(self, key: str | tuple[str, uuid.UUID]) -> str:
+    def _kind(self, key: str | tuple[str, int]) -> str:
         if isinstance(key, tuple):
             return key[0]
         return key[len(self.keys.prefix) + 6 :].split(":", 1)[0]
 
-    def _l1_ttl_for(self, key: str | tuple[str, uuid.UUID]) -> float:
+    def _l1_ttl_for(self, key: str | tuple[str, int]) -> float:
         return self._l1_ttl.get(self._kind(key), self.settings.l1_ttl)
 
     def _l2_ttl_for(self, key: str) -> float:
@@ -577,7 +578,7 @@ class Cache:
             if everything:
                 self.l1.clear_locked()
             else:
-                self.l1.discard_locked(rows)
+                self.l1.discard_locked([(e, i.int) for e, i in rows])
                 self._drop_entity_rows_locked(epochs)
             # Until Redis answers with the new values, no fill of these
             # entities is admitted.
@@ -713,11 +714,11 @@ class Cache:
         return data
 
 
-def _row_keys(pairs: Any) -> list[tuple[str, uuid.UUID]]:
-    out: list[tuple[str, uuid.UUID]] = []
+def _row_keys(pairs: Any) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
     for pair in pairs if isinstance(pairs, list) else ():
         try:
-            out.append((str(pair[0]), uuid.UUID(pair[1])))
+            out.append((str(pair[0]), uuid.UUID(pair[1]).int))
         except (TypeError, ValueError, IndexError):
             log.warning("ignoring a malformed key in a cache invalidation message")
     return out
