@@ -52,7 +52,7 @@ def peer(url: str, redis_url: str, prefix: str) -> dict[str, Any]:
         print(f"advanced-alchemy cache API unavailable ({err}); measuring its plain repository")
         return {}
 
-    class AgentRepo(SQLAlchemySyncRepository[Agent]):  # type: ignore[type-var]
+    class AgentRepo(SQLAlchemySyncRepository[Agent]):
         model_type = Agent
 
     u = make_url(redis_url)
