@@ -66,6 +66,8 @@ class RowCodec(Generic[ModelT]):
         )
         self._pk_index = self.keys.index(mapper.primary_key[0].key)
         self._json_positions = tuple(i for i, k in enumerate(self.kinds) if k == _JSON)
+        self._uuid_positions = tuple(i for i, k in enumerate(self.kinds) if k == _UUID)
+        self._datetime_positions = tuple(i for i, k in enumerate(self.kinds) if k == _DATETIME)
         self._json_keys = tuple(self.keys[i] for i in self._json_positions)
         self._new_instance = mapper.class_manager.new_instance
         self._identity_class = mapper.identity_key_from_primary_key((uuid.UUID(int=0),))[0]
@@ -114,7 +116,19 @@ class RowCodec(Generic[ModelT]):
     def from_json(self, values: Any) -> Row:
         if not isinstance(values, list) or len(values) != len(self.kinds):
             raise ValueError(f"not a cached {self.entity} row")
-        return tuple(_from_json(v, kind) for v, kind in zip(values, self.kinds))  # noqa: B905
+        # Convert only the columns that need it (this is the L2-hit path).
+        try:
+            for i in self._uuid_positions:
+                v = values[i]
+                if v is not None:
+                    values[i] = uuid.UUID(v)
+            for i in self._datetime_positions:
+                v = values[i]
+                if v is not None:
+                    values[i] = datetime.fromisoformat(v)
+        except (TypeError, AttributeError) as err:
+            raise ValueError(f"not a cached {self.entity} row") from err
+        return tuple(values)
 
 
 def copy_json(value: Any) -> Any:
@@ -142,18 +156,6 @@ def _to_json(value: Any, kind: int) -> Any:
         return str(value)
     assert isinstance(value, datetime)
     return value.isoformat()
-
-
-def _from_json(value: Any, kind: int) -> Any:
-    if value is None or kind == _PLAIN:
-        return value
-    if kind == _JSON:
-        return value
-    if not isinstance(value, str):
-        raise ValueError("malformed cached value")
-    if kind == _UUID:
-        return uuid.UUID(value)
-    return datetime.fromisoformat(value)
 
 
 def dumps(value: Any) -> str:
