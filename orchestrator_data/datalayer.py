@@ -24,6 +24,7 @@ from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
 from orchestrator_data.cache import Cache, CacheRegions
 from orchestrator_data.cache.layer import INFO_CACHE
+from orchestrator_data.cache.stats import CacheCollector
 from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.engine import build_engine, warm_pool
@@ -78,6 +79,7 @@ class DataLayer:
             self.redis if self.settings.redis_url else None,
             regions=cache_regions,
         )
+        self.metrics.registry.register(CacheCollector(self.cache.stats))
         for level in ISOLATION_LEVELS:
             for read_only in (False, True):
                 options: dict[str, Any] = {"isolation_level": level}

@@ -4,8 +4,12 @@ lost to a thread switch now and then does not matter to a hit ratio."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 @dataclass
@@ -50,3 +54,50 @@ class CacheStats:
         received = self.broadcasts_received
         data["broadcast_lag_mean"] = self.broadcast_lag_total / received if received else 0.0
         return data
+
+
+class CacheCollector(Collector):
+    """Exposes ``stats()`` in a DataLayer's prometheus registry, read at
+    scrape time (nothing is counted twice)."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        data = self._stats()
+        requests = CounterMetricFamily(
+            "orchestrator_data_cache_requests",
+            "Cache lookups by level and result.",
+            labels=["level", "result"],
+        )
+        for level in ("l1", "l2"):
+            requests.add_metric([level, "hit"], data[f"{level}_hits"])
+            requests.add_metric([level, "miss"], data[f"{level}_misses"])
+        yield requests
+        for name in (
+            "loads",
+            "bypassed",
+            "l1_fills",
+            "l2_fills",
+            "fills_refused",
+            "invalidations",
+            "invalidations_lost",
+            "broadcasts_sent",
+            "broadcasts_received",
+        ):
+            yield CounterMetricFamily(
+                f"orchestrator_data_cache_{name}", f"Cache {name.replace('_', ' ')}.", data[name]
+            )
+        yield GaugeMetricFamily(
+            "orchestrator_data_cache_broadcast_lag_seconds",
+            "Lag of the last invalidation broadcast received.",
+            data["broadcast_lag_last"],
+        )
+        yield GaugeMetricFamily(
+            "orchestrator_data_cache_breaker_open",
+            "1 while the Redis circuit breaker is open.",
+            1.0 if data["breaker"] != "closed" else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "orchestrator_data_cache_l1_entries", "Entries in the L1 cache.", data["l1_entries"]
+        )
