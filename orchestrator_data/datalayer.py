@@ -43,7 +43,9 @@ log = logging.getLogger("orchestrator_data")
 
 T = TypeVar("T")
 
-_ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+# A symlink to the top-level alembic/ folder in the source tree; a real
+# folder in an installed wheel (see setup.cfg's package_data).
+_ALEMBIC_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 class DataLayer:
@@ -240,12 +242,11 @@ class DataLayer:
         from alembic.config import Config
 
         if not (_ALEMBIC_DIR / "env.py").exists():
-            raise ConfigurationError(
-                f"alembic scripts not found at {_ALEMBIC_DIR}; install the project from its "
-                "source tree (pip install -e .)"
-            )
-        cfg = Config(str(_ALEMBIC_DIR.parent / "alembic.ini"))
+            raise ConfigurationError(f"alembic scripts not found at {_ALEMBIC_DIR}")
+        cfg = Config()
         cfg.set_main_option("script_location", str(_ALEMBIC_DIR))
+        cfg.set_main_option("path_separator", "os")
+        cfg.set_main_option("file_template", "%%(rev)s_%%(slug)s")
         return cfg
 
     def migrate(self, revision: str = "head") -> None:

@@ -7,7 +7,6 @@ Repositories flush but never commit.
 from __future__ import annotations
 
 from functools import cached_property
-from types import TracebackType
 
 from sqlalchemy.orm import Session as OrmSession
 
@@ -72,16 +71,3 @@ class UnitOfWork:
     def rollback(self) -> None:
         """Discard everything done since the last commit."""
         self.session.rollback()
-
-    def __enter__(self) -> UnitOfWork:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # Whatever was not committed is discarded; close() returns the
-        # connection to the pool with its transaction rolled back.
-        self.session.close()

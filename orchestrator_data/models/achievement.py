@@ -7,11 +7,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Integer, String, func
-from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.ext.mutable import MutableDict
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from orchestrator_data.models.base import Base, created_at, uuid_pk
+from orchestrator_data.models.base import Base, created_at, jsonb_object, uuid_pk
 
 
 class Achievement(Base):
@@ -29,13 +28,7 @@ class Achievement(Base):
     completed_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
-    metadata_: Mapped[dict[str, Any]] = mapped_column(
-        "metadata",
-        MutableDict.as_mutable(JSONB),
-        nullable=False,
-        default=dict,
-        server_default="{}",
-    )
+    metadata_: Mapped[dict[str, Any]] = jsonb_object("metadata")
     created_at: Mapped[datetime] = created_at()
 
     def __repr__(self) -> str:

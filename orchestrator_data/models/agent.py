@@ -8,10 +8,10 @@ from typing import Any
 
 from sqlalchemy import CheckConstraint, String
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.mutable import MutableDict, MutableList
+from sqlalchemy.ext.mutable import MutableList
 from sqlalchemy.orm import Mapped, mapped_column
 
-from orchestrator_data.models.base import Base, created_at, updated_at, uuid_pk
+from orchestrator_data.models.base import Base, created_at, jsonb_object, updated_at, uuid_pk
 
 AGENT_STATUSES = ("idle", "active", "busy", "offline", "error")
 
@@ -36,13 +36,7 @@ class Agent(Base):
     capabilities: Mapped[list[Any]] = mapped_column(
         MutableList.as_mutable(JSONB), nullable=False, default=list, server_default="[]"
     )
-    metadata_: Mapped[dict[str, Any]] = mapped_column(
-        "metadata",
-        MutableDict.as_mutable(JSONB),
-        nullable=False,
-        default=dict,
-        server_default="{}",
-    )
+    metadata_: Mapped[dict[str, Any]] = jsonb_object("metadata")
     created_at: Mapped[datetime] = created_at()
     updated_at: Mapped[datetime] = updated_at()
 

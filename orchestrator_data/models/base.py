@@ -7,7 +7,8 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import DateTime, MetaData, func, text
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # A naming convention makes constraint names deterministic, so alembic can
@@ -62,6 +63,16 @@ def updated_at() -> Mapped[datetime]:
         server_default=func.clock_timestamp(),
         onupdate=func.clock_timestamp(),
     )
+
+
+def jsonb_object(column_name: str | None = None) -> Mapped[dict[str, Any]]:
+    """A NOT NULL JSONB object column, ``{}`` by default, whose in-place
+    changes (``obj.metadata_["k"] = v``) are tracked and flushed."""
+    column = MutableDict.as_mutable(JSONB)
+    kwargs: dict[str, Any] = {"nullable": False, "default": dict, "server_default": "{}"}
+    if column_name is None:
+        return mapped_column(column, **kwargs)
+    return mapped_column(column_name, column, **kwargs)
 
 
 def to_dict(obj: Base) -> dict[str, Any]:

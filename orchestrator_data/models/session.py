@@ -7,11 +7,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import DateTime, String, Text
-from sqlalchemy.dialects.postgresql import INET, JSONB
-from sqlalchemy.ext.mutable import MutableDict
+from sqlalchemy.dialects.postgresql import INET
 from sqlalchemy.orm import Mapped, mapped_column
 
-from orchestrator_data.models.base import Base, created_at, updated_at, uuid_pk
+from orchestrator_data.models.base import Base, created_at, jsonb_object, updated_at, uuid_pk
 
 
 class Session(Base):
@@ -21,9 +20,7 @@ class Session(Base):
     id: Mapped[uuid.UUID] = uuid_pk()
     session_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
     user_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    data: Mapped[dict[str, Any]] = mapped_column(
-        MutableDict.as_mutable(JSONB), nullable=False, default=dict, server_default="{}"
-    )
+    data: Mapped[dict[str, Any]] = jsonb_object()
     ip_address: Mapped[str | None] = mapped_column(INET, nullable=True)
     user_agent: Mapped[str | None] = mapped_column(Text, nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
