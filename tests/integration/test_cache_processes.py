@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -219,3 +220,42 @@ def test_a_data_layer_starts_and_works_while_redis_is_down(
     ident = make_agent(dl)
     assert read(dl, ident) == "idle"
     assert not dl.cache.usable
+
+
+def test_a_hung_redis_holds_up_only_the_calls_already_in_flight(
+    data_layer: DataLayer, make_data_layer: Any, own_redis: OwnRedis
+) -> None:
+    dl: DataLayer = make_data_layer(
+        redis_url=own_redis.url,
+        redis_command_timeout=5.0,
+        redis_max_retries=0,
+        cache_slow_call=0.05,
+        cache_probe_interval=0.1,
+        pool_min=1,
+        pool_max=4,
+        warm_pool=False,
+    )
+    assert dl.cache.wait_ready()
+    first, second = make_agent(dl), make_agent(dl)
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)  # Redis hangs, connections stay open
+    try:
+        stuck: list[str] = []
+        reader = threading.Thread(target=lambda: stuck.append(read(dl, first)))
+        reader.start()  # its L2 lookup hangs until the command timeout
+        assert wait_until(lambda: bool(dl.cache.breaker._inflight))
+        assert wait_until(lambda: dl.cache.breaker.state == "open" or not dl.cache.breaker.allow())
+        # Everything else goes straight to PostgreSQL meanwhile.
+        for _ in range(20):
+            assert read(dl, second) == "idle"
+        with dl.unit_of_work() as uow:
+            uow.agents.update(second, status="busy")
+            uow.commit()
+        assert read(dl, second) == "busy"
+        assert reader.is_alive()  # all of the above finished inside one hung call
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    reader.join(30)
+    assert stuck == ["idle"]
+    assert wait_until(lambda: dl.cache.usable)
+    assert read(dl, second) == "busy"
