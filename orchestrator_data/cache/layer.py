@@ -26,20 +26,22 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import redis as redis_lib
-from dogpile.cache.api import NO_VALUE, CachedValue
+from dogpile.cache.api import NO_VALUE
 from redis import Redis
 from sqlalchemy.orm import Session as OrmSession
 
-from orchestrator_data.cache import scripts, serialization
+from orchestrator_data.cache import serialization
 from orchestrator_data.cache.backends import LRUBackend, RedisBackend
-from orchestrator_data.cache.breaker import CLOSED, CircuitBreaker, Unavailable
+from orchestrator_data.cache.breaker import CLOSED, CircuitBreaker
 from orchestrator_data.cache.broadcast import Subscriber
+from orchestrator_data.cache.coherence import Coherence, Fence
 from orchestrator_data.cache.filler import Filler
-from orchestrator_data.cache.invalidation import Targets, targets
 from orchestrator_data.cache.keys import Keys, digest
+from orchestrator_data.cache.l2 import L2
+from orchestrator_data.cache.query_codecs import SCALAR, QueryCodec, RowsCodec
 from orchestrator_data.cache.regions import CacheRegions
 from orchestrator_data.cache.serialization import Row, RowCodec
 from orchestrator_data.cache.stats import CacheStats
@@ -54,69 +56,10 @@ INFO_CACHE = "orchestrator_data.cache"
 INFO_FENCE = "orchestrator_data.cache.fence"
 INFO_READ_ONLY = "orchestrator_data.read_only"  # set by the unit of work
 
-ENTITIES = ("agent", "task", "session", "achievement")
 ROW_MODELS: dict[str, type[Base]] = {"agent": Agent, "task": Task, "session": Session}
 
 ModelT = TypeVar("ModelT", bound=Base)
 Q = TypeVar("Q")
-Fence = dict[str, "int | None"]
-
-
-class QueryCodec(Protocol[Q]):
-    """How a query result is cached: an immutable L1 form and a JSON form."""
-
-    def to_l1(self, value: Q) -> Any: ...
-    def from_l1(self, frozen: Any) -> Q: ...
-    def to_json(self, frozen: Any) -> Any: ...
-    def from_json(self, data: Any) -> Any: ...
-
-
-class ScalarCodec:
-    """A JSON scalar (a count, a sum): immutable as it is."""
-
-    def to_l1(self, value: Any) -> Any:
-        return value
-
-    def from_l1(self, frozen: Any) -> Any:
-        return frozen
-
-    def to_json(self, frozen: Any) -> Any:
-        return frozen
-
-    def from_json(self, data: Any) -> Any:
-        if not isinstance(data, (int, float, str)) or isinstance(data, bool):
-            raise ValueError("malformed cached scalar")
-        return data
-
-
-class RowsCodec(Generic[ModelT]):
-    """A list of model rows and an optional page cursor."""
-
-    def __init__(self, codec: RowCodec[ModelT]) -> None:
-        self.codec = codec
-
-    def to_l1(self, value: tuple[Sequence[ModelT], str | None]) -> Any:
-        items, cursor = value
-        return tuple(self.codec.from_instance(o) for o in items), cursor
-
-    def from_l1(self, frozen: Any) -> tuple[list[ModelT], str | None]:
-        rows, cursor = frozen
-        return [self.codec.hydrate(r) for r in rows], cursor
-
-    def to_json(self, frozen: Any) -> Any:
-        rows, cursor = frozen
-        return [serialization.rows_to_json(self.codec, rows), cursor]
-
-    def from_json(self, data: Any) -> Any:
-        if not isinstance(data, list) or len(data) != 2:
-            raise ValueError("malformed cached rows")
-        cursor = data[1]
-        if cursor is not None and not isinstance(cursor, str):
-            raise ValueError("malformed cached cursor")
-        return serialization.rows_from_json(self.codec, data[0]), cursor
-
-
-SCALAR = ScalarCodec()
 
 
 class Cache:
@@ -135,7 +78,6 @@ class Cache:
         self.enabled = bool(s.cache_enabled and s.redis_url and client is not None)
         self.keys = Keys(s.key_prefix)
         self.stats_counters = CacheStats()
-        self.origin = uuid.uuid4().hex
         models: dict[str, type[Base]] = {**ROW_MODELS, "achievement": Achievement}
         self.codecs: dict[str, RowCodec[Any]] = {e: RowCodec(m) for e, m in models.items()}
         self.rows_codecs: dict[str, RowsCodec[Any]] = {
@@ -153,25 +95,30 @@ class Cache:
         self._l1_ttl = {kind: min(s.l1_ttl, ttl) for kind, ttl in self._l2_ttl.items()}
         # Counters outlive every key built from them.
         self._counter_ttl_ms = int(max(self._l2_ttl.values()) * 2000)
-        self._gens: Fence = dict.fromkeys(ENTITIES)
-        self._ready = False
-        self._lost = False
         self._closed = False
         self.client: Redis | None = client
         self._probe_client: Redis | None = None
         self.breaker = CircuitBreaker(
             probe=self._ping,
-            on_recover=self._recover,
-            on_state_change=self._breaker_changed,
+            on_recover=lambda: self.coherence.recover(),
+            on_state_change=lambda state: self.coherence.breaker_changed(state),
             probe_interval=s.cache_probe_interval,
             slow_call=s.cache_slow_call,
+        )
+        self.coherence = Coherence(
+            keys=self.keys,
+            stats=self.stats_counters,
+            breaker=self.breaker,
+            client=client if self.enabled else None,
+            counter_ttl_ms=self._counter_ttl_ms,
+            enabled=self.enabled,
         )
         self.regions = regions or CacheRegions.declare()
         self.regions.configure(
             l1={
                 "max_entries": s.l1_max_entries,
                 "ttl_for": self._l1_ttl_for,
-                "admit": self._admit,
+                "admit": self.coherence.admit,
             },
             l2={"client": client, "breaker": self.breaker, "ttl_for": self._l2_ttl_for},
         )
@@ -179,11 +126,18 @@ class Cache:
         self.l2: RedisBackend | None = (
             cast(RedisBackend, self.regions.l2.backend) if client is not None else None
         )
+        self.coherence.attach(self.l1)
         self._filler = Filler(client, self.breaker, max_pending=s.cache_fill_queue)
+        self.l2_ops = L2(
+            client=client,
+            breaker=self.breaker,
+            keys=self.keys,
+            stats=self.stats_counters,
+            filler=self._filler,
+            row_ttl=self._l2_ttl,
+            counter_ttl_ms=self._counter_ttl_ms,
+        )
         self._subscriber: Subscriber | None = None
-        if self.enabled and client is not None:
-            self._bump_script = client.register_script(scripts.BUMP)
-            self._read_script = client.register_script(scripts.READ_COUNTERS)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -208,9 +162,9 @@ class Cache:
         self._subscriber = Subscriber(
             sub_client,
             self.keys.channel,
-            on_message=self._on_message,
-            on_up=self._on_up,
-            on_down=self._on_down,
+            on_message=self.coherence.on_message,
+            on_up=self.coherence.on_up,
+            on_down=self.coherence.on_down,
             retry_interval=s.cache_probe_interval,
         )
         self._subscriber.start()
@@ -233,7 +187,7 @@ class Cache:
         if self._closed:
             return
         self._closed = True
-        self._ready = False
+        self.coherence.ready = False
         self.breaker.stop()
         if self._subscriber is not None:
             self._subscriber.stop()
@@ -244,7 +198,7 @@ class Cache:
     @property
     def usable(self) -> bool:
         """Whether reads may use the cache right now."""
-        return self._ready and self.breaker.closed
+        return self.coherence.ready and self.breaker.closed
 
     # -- session hooks ---------------------------------------------------------
 
@@ -253,8 +207,9 @@ class Cache:
         # every generation recorded here belongs to a commit the snapshot sees.
         if getattr(transaction, "nested", False):
             return
-        usable = self._ready and self.breaker.allow()
-        session.info[INFO_FENCE] = dict(self._gens) if usable else None
+        coherence = self.coherence
+        usable = coherence.ready and self.breaker.allow()
+        session.info[INFO_FENCE] = dict(coherence.generations) if usable else None
 
     def after_transaction_end(self, session: OrmSession, transaction: Any) -> None:
         # One write for all the fills the transaction's misses queued.
@@ -273,7 +228,7 @@ class Cache:
         elif not cached:
             return None
         fence: Fence | None = info.get(INFO_FENCE)
-        if fence is None or not self._ready or self.breaker._state != CLOSED:
+        if fence is None or not self.coherence.ready or self.breaker._state != CLOSED:
             return None
         if not read_only and (
             has_written(session) or session.new or session.deleted or session.dirty
@@ -314,7 +269,7 @@ class Cache:
         stats.l1_misses += 1
         key = self.keys.entity(entity, ident)
         # L2 outside the lock: an L2 hit costs one round trip and no locking.
-        row = self._l2_row(codec, key)
+        row = self.l2_ops.read_row(codec, key)
         if row is not None:
             self.regions.l1.set(local, (entity, gen, row))  # type: ignore[arg-type]
             return codec.hydrate(row)
@@ -329,7 +284,7 @@ class Cache:
             if obj is None:
                 return None
             loaded_row = codec.from_instance(obj)
-            self._fill_row(codec, key, gen, loaded_row)
+            self.l2_ops.fill_row(codec, key, gen, loaded_row)
             return (entity, gen, loaded_row)
 
         value = self.regions.l1.get_or_create(
@@ -379,7 +334,7 @@ class Cache:
         the one it was computed under."""
         fence = self.fence_for(session, cached)
         gen = fence.get(source) if fence is not None else None
-        if gen is None or self._gens.get(source) != gen:
+        if gen is None or self.coherence.generations.get(source) != gen:
             self.stats_counters.bypassed += 1
             return load()
         key = self.keys.stats(key_entity, ident)
@@ -406,7 +361,7 @@ class Cache:
             stats.l1_hits += 1
             return codec.from_l1(found.payload[2])
         stats.l1_misses += 1
-        frozen = self._l2_value(key, codec, str(gen) if stamp else None)
+        frozen = self.l2_ops.read_value(key, codec, str(gen) if stamp else None)
         if frozen is not NO_VALUE:
             self.regions.l1.set(key, (entity, gen, frozen))
             hit: Q = codec.from_l1(frozen)
@@ -421,7 +376,7 @@ class Cache:
             text = serialization.dumps(codec.to_json(fresh))
             if stamp:
                 text = f"{gen}|{text}"
-            self._fill_plain(key, text, ttl)
+            self.l2_ops.fill_plain(key, text, ttl)
             return (entity, gen, fresh)
 
         cv = self.regions.l1.get_or_create(key, create)
@@ -429,85 +384,6 @@ class Cache:
             return loaded[0]
         result: Q = codec.from_l1(cv[2])
         return result
-
-    # -- L2 ------------------------------------------------------------------------
-
-    def _l2_row(self, codec: RowCodec[Any], key: str) -> Row | None:
-        stats = self.stats_counters
-        client = self.client
-        assert client is not None
-        epoch_key = self.keys.epoch(codec.entity)
-        found = self.breaker.call(lambda: client.mget(key, epoch_key), None)
-        if not found or found[0] is None or found[1] is None:
-            stats.l2_misses += 1
-            return None
-        value, epoch = cast("tuple[bytes, bytes]", found)
-        sep = value.find(b"|")
-        if sep < 0 or value[:sep] != epoch:
-            stats.l2_misses += 1  # written before the last epoch bump: void
-            return None
-        try:
-            row = codec.loads(value[sep + 1 :])
-        except ValueError:
-            log.warning("ignoring a malformed cached %s at %s", codec.entity, key)
-            stats.l2_misses += 1
-            return None
-        stats.l2_hits += 1
-        return row
-
-    def _l2_value(self, key: str, codec: QueryCodec[Any], stamp: str | None) -> Any:
-        stats = self.stats_counters
-        client = self.client
-        assert client is not None
-        raw = cast("bytes | None", self.breaker.call(lambda: client.get(key), None))
-        if raw is None:
-            stats.l2_misses += 1
-            return NO_VALUE
-        if stamp is not None:
-            head, _, raw = raw.partition(b"|")
-            if head.decode() != stamp:
-                stats.l2_misses += 1
-                return NO_VALUE
-        try:
-            frozen = codec.from_json(serialization.loads(raw))
-        except ValueError:
-            log.warning("ignoring a malformed cached value at %s", key)
-            stats.l2_misses += 1
-            return NO_VALUE
-        stats.l2_hits += 1
-        return frozen
-
-    def _fill_row(self, codec: RowCodec[Any], key: str, gen: int, row: Row) -> None:
-        entity = codec.entity
-        stats = self.stats_counters
-
-        def on_reply(written: Any) -> None:
-            if written:
-                stats.l2_fills += 1
-            else:
-                stats.fills_refused += 1
-
-        self._filler.submit(
-            on_reply,
-            "EVAL",
-            scripts.FILL_ENTITY,
-            3,
-            key,
-            self.keys.generation(entity),
-            self.keys.epoch(entity),
-            str(gen),
-            codec.dumps(row),
-            int(self._l2_ttl[entity] * 1000),
-            self._counter_ttl_ms,
-        )
-
-    def _fill_plain(self, key: str, text: str, ttl: float) -> None:
-        stats = self.stats_counters
-
-        def on_reply(_: Any) -> None:
-            stats.l2_fills += 1
-
-        self._filler.submit(on_reply, "SET", key, text, "PX", int(ttl * 1000))
 
     # -- L1 --------------------------------------------------------------------------
 
@@ -522,28 +398,7 @@ class Cache:
     def _l2_ttl_for(self, key: str) -> float:
         return self._l2_ttl.get(self._kind(key), self._l2_ttl["query"])
 
-    def _admit(self, key: str, value: Any) -> bool:
-        # Runs under the L1 lock: an invalidation (which bumps the local
-        # generation under the same lock) either happened before, and the
-        # fill is refused, or happens after, and deletes what was filled.
-        payload = value.payload if isinstance(value, CachedValue) else None
-        if not (isinstance(payload, tuple) and len(payload) == 3):
-            return False
-        entity, gen, _ = payload
-        if self._ready and gen is not None and self._gens.get(entity) == gen:
-            self.stats_counters.l1_fills += 1
-            return True
-        self.stats_counters.fills_refused += 1
-        return False
-
-    def _drop_entity_rows_locked(self, entities: Iterable[str]) -> None:
-        wanted = set(entities)
-        if wanted:
-            self.l1.discard_locked(
-                [k for k in self.l1.keys_locked() if isinstance(k, tuple) and k[0] in wanted]
-            )
-
-    # -- invalidation ----------------------------------------------------------------
+    # -- invalidation (see coherence.py) -----------------------------------------------
 
     def invalidate(self, items: Iterable[tuple[str, uuid.UUID | None, str]]) -> None:
         """Invalidate after a commit: ``(entity, id, action)`` items, ``id``
@@ -551,153 +406,20 @@ class Cache:
         the generations (and epochs for cascades), broadcasts to the other
         processes. Never raises: if Redis is unreachable the breaker opens and
         the repair runs when it comes back."""
-        if not self.enabled:
-            return
-        t = targets(items)
-        if t:
-            self._apply(t, everything=False)
+        self.coherence.invalidate(items)
 
     def on_commit(self, session: OrmSession, changes: Sequence[Any]) -> None:
         """Change-capture subscriber: invalidate what a committed transaction
         changed (``Change.entity`` / ``.ident`` / ``.action``)."""
-        self.invalidate((c.entity, c.ident, c.action) for c in changes)
+        self.coherence.invalidate((c.entity, c.ident, c.action) for c in changes)
 
     def invalidate_all(self) -> None:
         """Void every cached value of this key prefix, in every process."""
-        if not self.enabled:
-            return
-        t = Targets(generations=set(ENTITIES), epochs=set(ROW_MODELS))
-        self._apply(t, everything=True)
-
-    def _apply(self, t: Targets, *, everything: bool) -> None:
-        rows = sorted(t.rows, key=str)
-        row_keys = [self.keys.entity(e, i) for e, i in rows]
-        gens = sorted(t.generations)
-        epochs = sorted(t.epochs)
-        with self.l1.lock:
-            if everything:
-                self.l1.clear_locked()
-            else:
-                self.l1.discard_locked([(e, i.int) for e, i in rows])
-                self._drop_entity_rows_locked(epochs)
-            # Until Redis answers with the new values, no fill of these
-            # entities is admitted.
-            for e in gens:
-                self._gens[e] = None
-        self.stats_counters.invalidations += len(row_keys) + len(gens)
-        try:
-            values = self.breaker.execute(
-                lambda: self._bump(row_keys, rows, gens, epochs, everything)
-            )
-        except Unavailable:
-            self._lost = True
-            self.stats_counters.invalidations_lost += 1
-            return
-        self.stats_counters.broadcasts_sent += 1
-        self._merge_generations(gens, values)
-
-    def _bump(
-        self,
-        row_keys: list[str],
-        rows: list[tuple[str, uuid.UUID]],
-        gens: list[str],
-        epochs: list[str],
-        everything: bool,
-    ) -> list[int]:
-        counters = [self.keys.generation(e) for e in gens] + [self.keys.epoch(e) for e in epochs]
-        message = {
-            "o": self.origin,
-            "t": time.time(),
-            "r": [[e, str(i)] for e, i in rows],
-            "g": gens,
-            "e": epochs,
-            "all": everything,
-        }
-        head = serialization.dumps(message)
-        head = head[:-1] + ',"v":'
-        result = self._bump_script(
-            keys=counters + row_keys,
-            args=[len(counters), self._counter_ttl_ms, self.keys.channel, head],
-        )
-        return [int(v) for v in result]
-
-    def _merge_generations(self, entities: Sequence[str], values: Sequence[Any]) -> None:
-        with self.l1.lock:
-            for e, v in zip(entities, values):  # noqa: B905 - values may carry epochs after
-                current = self._gens.get(e)
-                self._gens[e] = max(int(v), current or 0)
-
-    # -- broadcast -------------------------------------------------------------------
-
-    def _on_message(self, message: dict[str, Any]) -> None:
-        if message.get("o") == self.origin:
-            return  # applied locally before it was published
-        sent = message.get("t")
-        if isinstance(sent, (int, float)):
-            self.stats_counters.observe_lag(max(0.0, time.time() - sent))
-        with self.l1.lock:
-            if message.get("all"):
-                self.l1.clear_locked()
-            else:
-                self.l1.discard_locked(_row_keys(message.get("r")))
-                self._drop_entity_rows_locked(
-                    [e for e in message.get("e", ()) if isinstance(e, str)]
-                )
-        self._merge_generations(list(message.get("g", ())), list(message.get("v", ())))
-
-    def _on_up(self) -> None:
-        values = self._read_counters()
-        with self.l1.lock:
-            self.l1.clear_locked()
-            for e, v in zip(ENTITIES, values):  # noqa: B905
-                self._gens[e] = max(v, self._gens.get(e) or 0)
-            self._ready = True
-        self.stats_counters.l1_flushes += 1
-
-    def _on_down(self) -> None:
-        # Invalidations published from now on may never reach us: stop
-        # trusting L1 until resubscribed (and flushed).
-        with self.l1.lock:
-            self._ready = False
-            self.l1.clear_locked()
-            for e in ENTITIES:
-                self._gens[e] = None
-        self.stats_counters.l1_flushes += 1
-
-    def _read_counters(self) -> list[int]:
-        client = self.client
-        assert client is not None
-        keys = [self.keys.generation(e) for e in ENTITIES]
-        return [int(v) for v in self._read_script(keys=keys, args=[self._counter_ttl_ms])]
-
-    # -- breaker -----------------------------------------------------------------------
+        self.coherence.invalidate_all()
 
     def _ping(self) -> None:
         if self._probe_client is not None:
             self._probe_client.ping()
-
-    def _recover(self) -> None:
-        # Runs in the probe thread with the breaker still open. Invalidations
-        # that failed while Redis was away are repaired wholesale: every
-        # generation and epoch is bumped (published to every process), so no
-        # value cached before can be served again.
-        if self._lost:
-            self._lost = False
-            try:
-                values = self._bump([], [], list(ENTITIES), list(ROW_MODELS), True)
-            except BaseException:
-                self._lost = True
-                raise
-            with self.l1.lock:
-                self.l1.clear_locked()
-            self._merge_generations(ENTITIES, values)
-        else:
-            self._merge_generations(ENTITIES, self._read_counters())
-
-    def _breaker_changed(self, state: str) -> None:
-        if state == CLOSED and self._lost:
-            # An invalidation failed after the repair ran: repair again.
-            self.breaker.trip("an invalidation is still to be repaired")
 
     # -- manual and metrics ------------------------------------------------------------
 
@@ -707,21 +429,11 @@ class Cache:
         data = self.stats_counters.as_dict()
         data["breaker"] = self.breaker.state
         data["breaker_opened"] = self.breaker.opened
-        data["subscribed"] = self._ready
+        data["subscribed"] = self.coherence.ready
         data["l1_entries"] = len(self.l1)
         data["l1_max_entries"] = self.l1.max_entries
         data["fills_dropped"] = self._filler.dropped
         return data
-
-
-def _row_keys(pairs: Any) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
-    for pair in pairs if isinstance(pairs, list) else ():
-        try:
-            out.append((str(pair[0]), uuid.UUID(pair[1]).int))
-        except (TypeError, ValueError, IndexError):
-            log.warning("ignoring a malformed key in a cache invalidation message")
-    return out
 
 
 def _is_not_none(value: Any) -> bool:

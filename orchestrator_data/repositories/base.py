@@ -18,14 +18,16 @@ from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.orm import Session as OrmSession
 
 from orchestrator_data.cache.invalidation import ROW_CACHED
-from orchestrator_data.cache.layer import INFO_CACHE, SCALAR
+from orchestrator_data.cache.layer import INFO_CACHE
+from orchestrator_data.cache.query_codecs import SCALAR
 from orchestrator_data.errors import NotFoundError, ValidationError
 from orchestrator_data.models.base import Base, to_dict
 from orchestrator_data.pagination import Page, decode_cursor, encode_cursor
 from orchestrator_data.schemas.base import EntitySchema, load
 
 if TYPE_CHECKING:
-    from orchestrator_data.cache.layer import Cache, QueryCodec
+    from orchestrator_data.cache.layer import Cache
+    from orchestrator_data.cache.query_codecs import QueryCodec
 
 ModelT = TypeVar("ModelT", bound=Base)
 Q = TypeVar("Q")

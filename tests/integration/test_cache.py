@@ -148,7 +148,7 @@ def test_rollback_leaves_the_cache_untouched(dl: DataLayer, raw_redis: redis.Red
     ident = make_agent(dl)
     read(dl, ident)
     dl.cache.wait_for_fills()
-    before = dict(dl.cache._gens)
+    before = dict(dl.cache.coherence.generations)
     invalidations = stat(dl, "invalidations")
     with dl.unit_of_work() as uow:
         uow.agents.update(ident, status="busy")
@@ -157,7 +157,7 @@ def test_rollback_leaves_the_cache_untouched(dl: DataLayer, raw_redis: redis.Red
         uow.agents.update(ident, status="error")
         # leaving without commit rolls back
     assert stat(dl, "invalidations") == invalidations
-    assert dl.cache._gens == before
+    assert dl.cache.coherence.generations == before
     assert raw_redis.exists(row_key(dl, "agent", ident))
     hits = stat(dl, "l1_hits")
     assert read(dl, ident).status == "idle"
