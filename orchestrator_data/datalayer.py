@@ -99,7 +99,7 @@ class DataLayer:
         self.changes = ChangeCapture([Agent, Task, SessionModel, Achievement])
         for factory in self._factories.values():
             self.changes.install(factory)
-            event.listen(factory, "after_begin", self.cache.after_begin)
+            event.listen(factory, "after_transaction_create", self.cache.after_transaction_create)
             event.listen(factory, "after_transaction_end", self.cache.after_transaction_end)
         # Invalidation happens after the outermost COMMIT only; a rollback
         # (savepoint included) leaves nothing queued (see changes.py).

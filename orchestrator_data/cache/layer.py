@@ -7,7 +7,7 @@ How a read stays correct (see docs/caching.md for the user's version):
   use the cache, never once the transaction has written, never for
   ``FOR UPDATE``. A read-write SERIALIZABLE unit of work reads PostgreSQL, so
   SSI still sees every read it makes.
-- *Fences*: when a transaction begins (before its first statement, hence
+- *Fences*: when a transaction is created (before its first statement, hence
   before its snapshot) the session records the generation of every entity
   as this process knows it. Every committed write of an entity bumps that
   generation in Redis (atomically with deleting the row's key and publishing
@@ -202,11 +202,12 @@ class Cache:
 
     # -- session hooks ---------------------------------------------------------
 
-    def after_begin(self, session: OrmSession, transaction: Any, connection: Any) -> None:
-        # Before the transaction's first statement, so before its snapshot:
-        # every generation recorded here belongs to a commit the snapshot sees.
-        if getattr(transaction, "nested", False):
-            return
+    def after_transaction_create(self, session: OrmSession, transaction: Any) -> None:
+        # When the transaction object is created, before any statement of it
+        # (other listeners' included), so before its snapshot: every
+        # generation recorded here belongs to a commit the snapshot sees.
+        if transaction.parent is not None:
+            return  # a savepoint keeps its transaction's fence
         coherence = self.coherence
         usable = coherence.ready and self.breaker.allow()
         session.info[INFO_FENCE] = dict(coherence.generations) if usable else None
