@@ -139,6 +139,7 @@ def run(
         value = client.get(raw_keys())
         assert isinstance(value, bytes)
         return json.loads(value[value.index(b"|") + 1 :])
+
     engine = create_engine(url, pool_size=2)
     plain = sessionmaker(bind=engine)
 

@@ -43,7 +43,11 @@ def libpq_dsn(url: str) -> str:
 def main() -> None:
     with bench_database() as servers:
         url = sqlalchemy_url(servers.database_url)
-        settings = Settings(database_url=url, redis_url=servers.redis_url, cache_enabled=False)
+        # The unit of work's own cost: no cache, no audit rows (bench_audit.py
+        # measures those); the change capture stays on.
+        settings = Settings(
+            database_url=url, redis_url=servers.redis_url, cache_enabled=False, audit_enabled=False
+        )
         dl = DataLayer(settings)
         with dl.unit_of_work() as uow:
             ids = [uow.agents.create(name=f"bench-{i}", role="r").id for i in range(N_AGENTS)]

@@ -7,6 +7,7 @@ Nothing connects or reads the environment at import time: build a
 
 from orchestrator_data.actor import Actor, acting_as, current_actor
 from orchestrator_data.config import CacheTTLs, Settings
+from orchestrator_data.correlation import correlated, current_correlation_id
 from orchestrator_data.datalayer import DataLayer
 from orchestrator_data.errors import (
     ConfigurationError,
@@ -20,6 +21,7 @@ from orchestrator_data.errors import (
     OrchestratorDataError,
     RateLimitedError,
     RetryExhaustedError,
+    UncapturedWriteError,
     ValidationError,
 )
 from orchestrator_data.pagination import Page
@@ -42,10 +44,13 @@ __all__ = [
     "RateLimitedError",
     "RetryExhaustedError",
     "Settings",
+    "UncapturedWriteError",
     "UnitOfWork",
     "ValidationError",
     "acting_as",
+    "correlated",
     "current_actor",
+    "current_correlation_id",
 ]
 
 __version__ = "0.1.0"

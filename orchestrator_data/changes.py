@@ -23,17 +23,32 @@ back are discarded, the committed transaction's changes are handed to
 from __future__ import annotations
 
 import copy
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Delete, Insert, Update, event, inspect, select, true
+from sqlalchemy import (
+    Connection,
+    Delete,
+    Insert,
+    Update,
+    any_,
+    bindparam,
+    event,
+    inspect,
+    select,
+    true,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import ORMExecuteState, SessionTransaction, UOWTransaction, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.sql import ClauseElement, ColumnElement
+from sqlalchemy.sql.elements import TextClause
 
+from orchestrator_data.errors import UncapturedWriteError
 from orchestrator_data.models.base import Base
 
 Action = Literal["create", "update", "delete"]
@@ -45,6 +60,7 @@ _STACK = "orchestrator_data.changes.stack"
 _ROLLED_BACK = "orchestrator_data.changes.rolled_back"
 _WRITTEN = "orchestrator_data.changes.written"
 _OLD = "orchestrator_data.changes.old"
+_CASCADED = "orchestrator_data.changes.cascaded"
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,8 @@ class Change:
     old: dict[str, Any] | None
     new: dict[str, Any] | None
     bulk: bool = False
+    #: Made by the database itself: a foreign key's ON DELETE CASCADE / SET NULL.
+    cascade: bool = False
 
 
 FlushListener = Callable[[OrmSession, Sequence[Change]], None]
@@ -87,6 +105,7 @@ class ChangeCapture:
         self._commit_listeners: list[CommitListener] = []
         self._rollback_listeners: list[RollbackListener] = []
         self._want_values = False
+        self._write_pattern: re.Pattern[str] | None = None
 
     # -- subscription ------------------------------------------------------
 
@@ -187,6 +206,22 @@ class ChangeCapture:
     def _before_flush(
         self, session: OrmSession, flush_context: UOWTransaction, instances: Any
     ) -> None:
+        session.info.pop(_CASCADED, None)  # left over by a flush that failed
+        deleting: dict[type[Base], list[uuid.UUID]] = {}
+        for obj in session.deleted:
+            model = self._tracked(obj)
+            if model is not None:
+                deleting.setdefault(model, []).append(inspect(obj).identity[0])
+        if deleting:
+            # What the database will cascade must be read before the DELETE.
+            explicit = {i for ids in deleting.values() for i in ids}
+            cascaded = [
+                c
+                for model, ids in deleting.items()
+                for c in self._cascades(session.connection(), model, ids)
+                if c.ident not in explicit
+            ]
+            session.info[_CASCADED] = cascaded
         # Old values unknown to the session (in-place JSONB mutation, columns
         # never loaded) must be read before the UPDATE/DELETE overwrites them.
         if not self._want_values:
@@ -197,9 +232,9 @@ class ChangeCapture:
             if model is None:
                 continue
             state = inspect(obj)
-            for attr in state.mapper.column_attrs:
-                key = attr.key
-                if key in state.committed_state and state.committed_state[key] is NO_VALUE:
+            columns = state.mapper.column_attrs
+            for key, previous in state.committed_state.items():
+                if previous is NO_VALUE and key in columns:
                     missing.setdefault(model, {}).setdefault(state.identity[0], set()).add(key)
         for obj in session.deleted:
             model = self._tracked(obj)
@@ -250,11 +285,15 @@ class ChangeCapture:
                 if values:
                     old = _row(obj, prefetched.get((model, ident), {}))
                 changes.append(Change(model.__entity__, model, ident, "delete", old, None))
+        changes.extend(session.info.pop(_CASCADED, ()))
         self._record(session, changes)
 
     # -- bulk statements -----------------------------------------------------
 
     def _do_orm_execute(self, state: ORMExecuteState) -> Any:
+        if isinstance(state.statement, TextClause):
+            self._refuse_uncaptured_write(state.statement.text)
+            return None
         if not (state.is_update or state.is_delete or state.is_insert):
             return None
         mapper = state.bind_mapper
@@ -267,6 +306,27 @@ class ChangeCapture:
         if isinstance(statement, (Update, Delete)):
             return self._bulk_update_delete(state, model, statement)
         return None
+
+    def _refuse_uncaptured_write(self, sql: str) -> None:
+        # Plain SQL cannot be captured (no old values, no affected rows): a
+        # write to a tracked table that way would leave no audit row and no
+        # invalidation. Refused, with the way to do it instead.
+        if self._write_pattern is None:
+            names = "|".join(re.escape(m.__tablename__) for m in self._models.values())
+            self._write_pattern = re.compile(
+                r"\b(?:insert\s+into|update|delete\s+from|truncate|merge\s+into)"
+                r"\s+(?:table\s+)?(?:only\s+)?(?:(?:\"?\w+\"?)\.)?\"?(" + names + r")\"?(?![\w.])",
+                re.IGNORECASE,
+            )
+        match = self._write_pattern.search(sql)
+        if match:
+            table = match.group(1).lower()
+            model = next(m for m in self._models.values() if m.__tablename__ == table)
+            raise UncapturedWriteError(
+                f"plain SQL writing {table} would escape the audit trail and the caches: "
+                f"use ORM statements through the session (update({model.__name__}), "
+                f"delete({model.__name__}), insert({model.__name__})) or the repositories"
+            )
 
     def _bulk_update_delete(
         self, state: ORMExecuteState, model: type[Base], statement: Update | Delete
@@ -285,12 +345,27 @@ class ChangeCapture:
             criteria = where if where is not None else true()
             select_params = dict(params) if isinstance(params, Mapping) else None
         values = self._want_values
-        columns = list(table.c) if values else [pk]
+        if not values:
+            columns = [pk]
+        elif isinstance(statement, Update):
+            # Only the columns the UPDATE sets can differ: reading just those
+            # (not every JSONB column of 1,000 rows, twice) is most of the
+            # saving on a bulk update.
+            columns = [pk, *_set_columns(model, statement, params)]
+        else:
+            columns = list(table.c)
         keys = [c.key for c in columns]
-        # FOR UPDATE: the rows read are exactly those the statement changes,
-        # with the values it overwrites, at any isolation level.
-        query = select(*columns).where(criteria).with_for_update()
+        query = select(*columns).where(criteria)
+        if not _snapshot_is_stable(connection):
+            # READ COMMITTED: FOR UPDATE makes the rows read exactly those the
+            # statement changes, with the values it overwrites. At REPEATABLE
+            # READ and SERIALIZABLE the snapshot already guarantees that (a row
+            # changed since would fail the UPDATE), without dirtying every row.
+            query = query.with_for_update()
         before = {row[0]: row for row in connection.execute(query, select_params)}
+        cascaded: list[Change] = []
+        if isinstance(statement, Delete) and before:
+            cascaded = self._cascades(connection, model, list(before))
         result = state.invoke_statement()
         entity = model.__entity__
         changes: list[Change] = []
@@ -301,7 +376,9 @@ class ChangeCapture:
         elif before and not values:
             changes = [Change(entity, model, i, "update", None, None, bulk=True) for i in before]
         elif before:
-            after = connection.execute(select(*columns).where(pk.in_(list(before))))
+            # One array parameter, not 1,000 bound values.
+            ids = bindparam("ids", list(before), type_=ARRAY(pk.type))
+            after = connection.execute(select(*columns).where(pk == any_(ids)))
             for new_row in after:
                 old_vals: dict[str, Any] = {}
                 new_vals: dict[str, Any] = {}
@@ -312,8 +389,52 @@ class ChangeCapture:
                     changes.append(
                         Change(entity, model, new_row[0], "update", old_vals, new_vals, bulk=True)
                     )
-        self._record(session, changes)
+        self._record(session, changes + cascaded)
         return result
+
+    def _cascades(
+        self, connection: Connection, model: type[Base], ids: list[uuid.UUID]
+    ) -> list[Change]:
+        """The changes the database will make itself when rows ``ids`` of
+        ``model`` are deleted: rows of tracked tables removed by ON DELETE
+        CASCADE (recursively) or updated by ON DELETE SET NULL. Read before
+        the DELETE, which is the last moment they can be."""
+        values = self._want_values
+        lock = not _snapshot_is_stable(connection)
+        changes: list[Change] = []
+        parent = model.__table__
+        for table, dependent in self._models.items():
+            for fk in table.foreign_keys:
+                if fk.column.table is not parent:
+                    continue
+                rule = (fk.ondelete or "").upper()
+                column = fk.parent
+                entity = dependent.__entity__
+                if rule == "CASCADE":
+                    columns = list(table.c) if values else [table.c.id]
+                    query = select(*columns).where(column.in_(ids))
+                    rows = connection.execute(query.with_for_update() if lock else query).all()
+                    keys = [c.key for c in columns]
+                    for row in rows:
+                        old = _snapshot_row(keys, row) if values else None
+                        changes.append(
+                            Change(entity, dependent, row[0], "delete", old, None, cascade=True)
+                        )
+                    if rows:
+                        changes += self._cascades(connection, dependent, [r[0] for r in rows])
+                elif rule == "SET NULL":
+                    query = select(table.c.id, column).where(column.in_(ids))
+                    for ident, before in connection.execute(
+                        query.with_for_update() if lock else query
+                    ):
+                        old_vals = {column.key: before} if values else None
+                        new_vals = {column.key: None} if values else None
+                        changes.append(
+                            Change(
+                                entity, dependent, ident, "update", old_vals, new_vals, cascade=True
+                            )
+                        )
+        return changes
 
     def _bulk_insert(self, state: ORMExecuteState, model: type[Base], statement: Insert) -> Any:
         # The primary key is assigned here (the ORM would apply the uuid4
@@ -353,6 +474,47 @@ class ChangeCapture:
         return result
 
 
+def _snapshot_is_stable(connection: Connection) -> bool:
+    """True at REPEATABLE READ and SERIALIZABLE: every statement of the
+    transaction sees the same snapshot."""
+    level = connection.get_execution_options().get("isolation_level")
+    level = level or connection.default_isolation_level or ""
+    return str(level).upper() in ("REPEATABLE READ", "SERIALIZABLE")
+
+
+def _set_columns(model: type[Base], statement: Update, params: Any) -> list[Any]:
+    """The columns ``statement`` assigns (``updated_at`` aside); every column
+    when that cannot be told."""
+    table = model.__table__
+    everything = [c for c in table.c if c.key != "id"]
+    mapper = inspect(model)
+    found: list[Any] = []
+    if isinstance(params, Sequence) and not isinstance(params, (str, bytes)):
+        # By primary key: the parameter sets name the attributes they set.
+        for key in dict.fromkeys(k for p in params for k in p if k != "id"):
+            attr = mapper.column_attrs.get(key)
+            if attr is None:
+                return everything
+            found.append(attr.columns[0])
+        return found
+    # .values() / .ordered_values(): SQLAlchemy keeps them keyed by Column.
+    assigned = getattr(statement, "_values", None) or dict(
+        getattr(statement, "_ordered_values", None) or ()
+    )
+    if not assigned:
+        return everything
+    for key in assigned:
+        if isinstance(key, str):
+            attr = mapper.column_attrs.get(key)
+            column = attr.columns[0] if attr is not None else table.c.get(key)
+        else:
+            column = table.c.get(getattr(key, "key", None) or "")
+        if column is None:
+            return everything
+        found.append(column)
+    return found
+
+
 def _snapshot_row(keys: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
     # Table column keys are the database column names, which are the public
     # field names (``metadata``), so no renaming is needed here.
@@ -383,9 +545,11 @@ def _diff(obj: Base, prefetched: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     renamed = type(obj).__renamed__
     old: dict[str, Any] = {}
     new: dict[str, Any] = {}
-    for attr in state.mapper.column_attrs:
-        key = attr.key
-        if key in IGNORED_ON_UPDATE:
+    columns = state.mapper.column_attrs
+    # Only attributes with a committed_state entry can have changed: no need
+    # to ask every column for its history.
+    for key in list(state.committed_state):
+        if key in IGNORED_ON_UPDATE or key not in columns:
             continue
         history = state.attrs[key].history
         if not history.has_changes():

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import click
 
+from orchestrator_data.actor import SYSTEM, Actor
 from orchestrator_data.config import redact_url
 from orchestrator_data.datalayer import DataLayer
-from orchestrator_data.errors import OrchestratorDataError
+from orchestrator_data.errors import OrchestratorDataError, ValidationError
+from orchestrator_data.retention import parse_duration
 from orchestrator_data.servers import resolve_settings
 
 
@@ -70,6 +74,10 @@ def demo(
     click.echo(f"  failed attempts (retried or final): {report.attempts_failed}")
     click.echo(f"  transactions: {report.transactions} ({report.ops_per_second:.0f}/s)")
     click.echo(f"  serialization retries: {report.retries}")
+    click.echo(f"  achievements awarded: {report.achievements}")
+    click.echo("leaderboard:")
+    for rank, (name, points) in enumerate(report.leaderboard, start=1):
+        click.echo(f"  {rank:>2}. {name:<32} {points:>6} pts")
     c = report.cache
     if c:
         click.echo(
@@ -147,6 +155,66 @@ def migrate_create(ctx: click.Context, name: str, empty: bool) -> None:
             script = command.revision(cfg, message=name, autogenerate=not empty, rev_id=rev_id)
         path = getattr(script, "path", None)
         click.echo(f"created {Path(path).name if path else rev_id}")
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+    # A callback, not a ParamType: ParamType is generic only in recent click.
+    try:
+        return parse_duration(value)
+    except ValidationError:
+        raise click.BadParameter(
+            f"{value!r} is not a duration like 90d, 12h, 30m, 45s or 2w"
+        ) from None
+
+
+@cli.group()
+def audit() -> None:
+    """The audit trail: show a resource's history, prune old rows."""
+
+
+@audit.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    callback=_duration,
+    help="Delete rows older than this (e.g. 90d, 12h, 30m).",
+)
+@click.pass_context
+def audit_prune(ctx: click.Context, older_than: timedelta) -> None:
+    """Delete audit rows older than --older-than; the prune itself is audited."""
+    from orchestrator_data.retention import prune_audit_log
+
+    with _data_layer(ctx) as dl:
+        result = dl.run_in_transaction(
+            lambda uow: prune_audit_log(uow, older_than), actor=_cli_actor()
+        )
+    click.echo(f"pruned {result.deleted} audit rows written before {result.cutoff.isoformat()}")
+
+
+@audit.command("show")
+@click.argument("resource_id")
+@click.option("--type", "resource_type", default=None, help="Resource type (agent, task, ...).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 1000))
+@click.pass_context
+def audit_show(ctx: click.Context, resource_id: str, resource_type: str | None, limit: int) -> None:
+    """Print the history of RESOURCE_ID, oldest first, field by field."""
+    from orchestrator_data.audit_table import history_lines
+
+    with _data_layer(ctx) as dl, dl.unit_of_work(read_only=True) as uow:
+        rows = uow.audit.history(resource_type, resource_id, limit=limit).items
+        if not rows:
+            raise click.ClickException(f"no audit rows for {resource_id}")
+        for line in history_lines(rows):
+            click.echo(line)
+
+
+def _cli_actor() -> Actor:
+    # Who ran the command, as far as the operating system knows.
+    try:
+        return Actor("user", getpass.getuser())
+    except (OSError, KeyError):
+        return SYSTEM
 
 
 @contextmanager

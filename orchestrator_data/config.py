@@ -67,6 +67,8 @@ class Settings:
     redis_connect_timeout: float = 10.0
     redis_command_timeout: float = 5.0
     key_prefix: str = ""
+    # Audit trail: one audit_logs row per change, in the same transaction.
+    audit_enabled: bool = True
     # Caching.
     cache_enabled: bool = True
     l1_max_entries: int = 10_000

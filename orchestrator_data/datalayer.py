@@ -22,11 +22,15 @@ from sqlalchemy.orm import sessionmaker
 
 from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
+from orchestrator_data.audit import AuditTrail
+from orchestrator_data.awards import Awards
 from orchestrator_data.cache import Cache, CacheRegions
 from orchestrator_data.cache.layer import INFO_CACHE
 from orchestrator_data.cache.stats import CacheCollector
+from orchestrator_data.captured_session import CapturedSession
 from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
+from orchestrator_data.correlation import current_correlation_id
 from orchestrator_data.engine import build_engine, warm_pool
 from orchestrator_data.errors import (
     ConfigurationError,
@@ -36,6 +40,7 @@ from orchestrator_data.errors import (
 from orchestrator_data.metrics import Metrics
 from orchestrator_data.models import Achievement, Agent, Task
 from orchestrator_data.models import Session as SessionModel
+from orchestrator_data.stats import StatsCache
 from orchestrator_data.transaction import run_with_retry
 from orchestrator_data.uow import UnitOfWork
 
@@ -90,6 +95,7 @@ class DataLayer:
                     options["postgresql_deferrable"] = level == "SERIALIZABLE"
                 self._factories[(level, read_only)] = sessionmaker(
                     bind=self.engine.execution_options(**options),
+                    class_=CapturedSession,
                     expire_on_commit=False,
                     autoflush=True,
                     info={INFO_CACHE: self.cache},
@@ -104,6 +110,10 @@ class DataLayer:
         # Invalidation happens after the outermost COMMIT only; a rollback
         # (savepoint included) leaves nothing queued (see changes.py).
         self.changes.on_commit(self.cache.on_commit)
+        self.audit_trail = AuditTrail(self.changes) if self.settings.audit_enabled else None
+        self.stats = StatsCache(self)
+        self.stats.install(self.changes)
+        self.awards = Awards()
         self._closed = False
         if self.settings.warm_pool and self.settings.pool_min > 0:
             try:
@@ -126,11 +136,15 @@ class DataLayer:
         actor: Actor | None = None,
         isolation: str | None = None,
         read_only: bool = False,
+        correlation_id: str | None = None,
     ) -> Iterator[UnitOfWork]:
         """A unit of work: one transaction at ``isolation`` (default
         SERIALIZABLE), ``READ ONLY DEFERRABLE`` when ``read_only`` at
         SERIALIZABLE. Commit with ``uow.commit()``; leaving the block
-        without it rolls back.
+        without it rolls back. ``actor`` and ``correlation_id`` land on every
+        audit row it writes; they default to the ones set with
+        :func:`~orchestrator_data.acting_as` and
+        :func:`~orchestrator_data.correlated` (else ``system`` and none).
 
         Raises :class:`DatabaseTimeoutError` when no connection becomes free
         within ``pool_timeout``.
@@ -154,7 +168,11 @@ class DataLayer:
                 "or hold units of work for less time"
             ) from None
         uow = UnitOfWork(
-            session, actor=actor or current_actor(), isolation=level, read_only=read_only
+            session,
+            actor=actor or current_actor(),
+            isolation=level,
+            read_only=read_only,
+            correlation_id=correlation_id or current_correlation_id(),
         )
         outcome = "rollback"
         try:
@@ -176,6 +194,7 @@ class DataLayer:
         isolation: str | None = None,
         read_only: bool = False,
         retries: int | None = None,
+        correlation_id: str | None = None,
     ) -> T:
         """Run ``fn(uow)`` in a fresh unit of work and commit. On a serialization
         failure or deadlock the *whole* function runs again in a new transaction
@@ -184,7 +203,12 @@ class DataLayer:
         ``fn`` must therefore have no side effects outside the transaction."""
 
         def attempt() -> T:
-            with self.unit_of_work(actor=actor, isolation=isolation, read_only=read_only) as uow:
+            with self.unit_of_work(
+                actor=actor,
+                isolation=isolation,
+                read_only=read_only,
+                correlation_id=correlation_id,
+            ) as uow:
                 result = fn(uow)
                 uow.commit()
                 return result

@@ -19,6 +19,7 @@ from functools import partial
 from sqlalchemy import func, select
 
 from orchestrator_data.actor import Actor
+from orchestrator_data.awards import Awards
 from orchestrator_data.datalayer import DataLayer
 from orchestrator_data.models import Task
 from orchestrator_data.uow import UnitOfWork
@@ -38,6 +39,7 @@ class DemoReport:
     transactions: int
     retries: int
     seconds: float
+    achievements: int = 0
     leaderboard: list[tuple[str, int]] = field(default_factory=list)
     #: Cache counters of the run (``dl.cache.stats()`` differences).
     cache: dict[str, float] = field(default_factory=dict)
@@ -64,6 +66,7 @@ def run_demo(
     run_id = uuid.uuid4().hex[:8]
     admin = Actor("system", "demo")
     started = time.perf_counter()
+    started_at = datetime.now(timezone.utc)
     transactions_before = _transactions(dl)
     retries_before = dl.metrics.retries
     cache_before = dl.cache.stats()
@@ -112,7 +115,9 @@ def run_demo(
             if claimed is None:
                 return
             fail = local.random() < failure_rate
-            final = dl.run_in_transaction(partial(_finish, task_id=claimed, fail=fail), actor=actor)
+            final = dl.run_in_transaction(
+                partial(_finish, task_id=claimed, fail=fail, awards=dl.awards), actor=actor
+            )
             if fail:
                 with lock:
                     failed_attempts[0] += 1
@@ -147,10 +152,10 @@ def run_demo(
             .group_by(Task.status)
         ).all()
         by_status = {status: int(n) for status, n in rows}
-    for agent_id in agent_ids:
-        with dl.unit_of_work(read_only=True) as uow:
+        awarded = uow.achievements.count(created_after=started_at)
+        for agent_id in agent_ids:
             uow.agents.get(agent_id)
-            uow.achievements.points_of(agent_id)
+    board = dl.stats.leaderboard(limit=5)
     return DemoReport(
         run_id=run_id,
         agents=agents,
@@ -160,6 +165,8 @@ def run_demo(
         transactions=_transactions(dl) - transactions_before,
         retries=dl.metrics.retries - retries_before,
         seconds=time.perf_counter() - started,
+        achievements=awarded,
+        leaderboard=[(entry.name, entry.points) for entry in board],
         cache=_cache_delta(cache_before, dl.cache.stats()),
     )
 
@@ -173,13 +180,15 @@ def _claim(uow: UnitOfWork, agent_id: uuid.UUID) -> uuid.UUID | None:
     return task.id
 
 
-def _finish(uow: UnitOfWork, task_id: uuid.UUID, fail: bool) -> bool:
+def _finish(uow: UnitOfWork, task_id: uuid.UUID, fail: bool, awards: Awards) -> bool:
     """Complete or fail the task; a failed task with retries left goes back to
-    pending. Returns True when the task reached a final state."""
+    pending. A completed task may earn its agent achievements, in the same
+    transaction. Returns True when the task reached a final state."""
     task = uow.tasks.get_or_raise(task_id)
     now = datetime.now(timezone.utc)
     if not fail:
-        uow.tasks.update(task_id, status="completed", completed_at=now, result={"ok": True})
+        done = uow.tasks.update(task_id, status="completed", completed_at=now, result={"ok": True})
+        awards.evaluate(uow, done)
         return True
     if task.retry_count < task.max_retries:
         uow.tasks.update(

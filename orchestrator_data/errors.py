@@ -75,6 +75,11 @@ class RetryExhaustedError(OrchestratorDataError):
         )
 
 
+class UncapturedWriteError(OrchestratorDataError):
+    """Plain SQL tried to write a tracked table through the session, where it
+    would escape the audit trail and the cache invalidation."""
+
+
 class DatabaseUnavailableError(OrchestratorDataError):
     """PostgreSQL could not be reached (refused, DNS, TLS, authentication)."""
 

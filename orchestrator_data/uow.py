@@ -23,6 +23,7 @@ from orchestrator_data.repositories import (
 INFO_ACTOR = "orchestrator_data.actor"
 INFO_READ_ONLY = "orchestrator_data.read_only"
 INFO_ISOLATION = "orchestrator_data.isolation"
+INFO_CORRELATION_ID = "orchestrator_data.correlation_id"
 
 
 class UnitOfWork:
@@ -31,16 +32,24 @@ class UnitOfWork:
     like the rest)."""
 
     def __init__(
-        self, session: OrmSession, *, actor: Actor, isolation: str, read_only: bool
+        self,
+        session: OrmSession,
+        *,
+        actor: Actor,
+        isolation: str,
+        read_only: bool,
+        correlation_id: str | None = None,
     ) -> None:
         self.session = session
         self.actor = actor
+        self.correlation_id = correlation_id
         self.isolation = isolation
         self.read_only = read_only
         self.committed = False
         session.info[INFO_ACTOR] = actor
         session.info[INFO_READ_ONLY] = read_only
         session.info[INFO_ISOLATION] = isolation
+        session.info[INFO_CORRELATION_ID] = correlation_id
 
     @cached_property
     def agents(self) -> AgentRepository:

@@ -4,7 +4,9 @@ Values (the design's key table)::
 
     cache:{entity}:{id}                       agent, task, session rows
     cache:query:{entity}:{generation}:{hash}  list / search / count results
-    cache:stats:{entity}:{id}                 aggregates (points of an agent)
+
+(``cache:stats:{entity}:{id}``, points totals and the leaderboard, belong to
+``orchestrator_data.stats``, which keeps its own invalidation.)
 
 Bookkeeping, one key per entity, never scanned::
 
@@ -41,9 +43,6 @@ class Keys:
 
     def query(self, entity: str, generation: int, digest: str) -> str:
         return f"{self._base}query:{entity}:{generation}:{digest}"
-
-    def stats(self, entity: str, ident: uuid.UUID | str) -> str:
-        return f"{self._base}stats:{entity}:{ident}"
 
     def generation(self, entity: str) -> str:
         return f"{self._base}generation:{entity}"

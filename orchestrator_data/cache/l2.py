@@ -70,7 +70,8 @@ class L2:
         stats.l2_hits += 1
         return row
 
-    def read_value(self, key: str, codec: QueryCodec[Any], stamp: str | None) -> Any:
+    def read_value(self, key: str, codec: QueryCodec[Any]) -> Any:
+        """The L1 form of the query result at ``key``, or NO_VALUE."""
         stats = self.stats
         client = self.client
         assert client is not None
@@ -78,11 +79,6 @@ class L2:
         if raw is None:
             stats.l2_misses += 1
             return NO_VALUE
-        if stamp is not None:
-            head, _, raw = raw.partition(b"|")
-            if head.decode() != stamp:
-                stats.l2_misses += 1
-                return NO_VALUE
         try:
             frozen = codec.from_json(serialization.loads(raw))
         except ValueError:

@@ -41,7 +41,7 @@ from orchestrator_data.cache.coherence import Coherence, Fence
 from orchestrator_data.cache.filler import Filler
 from orchestrator_data.cache.keys import Keys, digest
 from orchestrator_data.cache.l2 import L2
-from orchestrator_data.cache.query_codecs import SCALAR, QueryCodec, RowsCodec
+from orchestrator_data.cache.query_codecs import QueryCodec, RowsCodec
 from orchestrator_data.cache.regions import CacheRegions
 from orchestrator_data.cache.serialization import Row, RowCodec
 from orchestrator_data.cache.stats import CacheStats
@@ -89,7 +89,6 @@ class Cache:
             "task": ttls.task_result,
             "session": ttls.session,
             "query": ttls.query,
-            "stats": ttls.metrics,
         }
         # L1 never keeps a value longer than L2 would.
         self._l1_ttl = {kind: min(s.l1_ttl, ttl) for kind, ttl in self._l2_ttl.items()}
@@ -320,31 +319,6 @@ class Cache:
         key = self.keys.query(entity, gen, digest(*parts))
         return self._through(key, entity, gen, load, codec, self._l2_ttl["query"])
 
-    def get_stats(
-        self,
-        session: OrmSession,
-        source: str,
-        key_entity: str,
-        ident: uuid.UUID,
-        load: Callable[[], Q],
-        *,
-        cached: bool | None = None,
-    ) -> Q:
-        """Read-through aggregate under ``cache:stats:{key_entity}:{id}``,
-        computed from ``source`` rows: valid while ``source``'s generation is
-        the one it was computed under."""
-        fence = self.fence_for(session, cached)
-        gen = fence.get(source) if fence is not None else None
-        if gen is None or self.coherence.generations.get(source) != gen:
-            self.stats_counters.bypassed += 1
-            return load()
-        key = self.keys.stats(key_entity, ident)
-        found = self.l1.get(key)
-        if found is not NO_VALUE and found.payload[1] != gen:
-            self.l1.delete(key)  # computed under another generation
-        codec = cast("QueryCodec[Q]", SCALAR)
-        return self._through(key, source, gen, load, codec, self._l2_ttl["stats"], stamp=True)
-
     def _through(
         self,
         key: str,
@@ -353,8 +327,6 @@ class Cache:
         load: Callable[[], Q],
         codec: QueryCodec[Q],
         ttl: float,
-        *,
-        stamp: bool = False,
     ) -> Q:
         stats = self.stats_counters
         found = self.l1.get(key)
@@ -362,7 +334,7 @@ class Cache:
             stats.l1_hits += 1
             return codec.from_l1(found.payload[2])
         stats.l1_misses += 1
-        frozen = self.l2_ops.read_value(key, codec, str(gen) if stamp else None)
+        frozen = self.l2_ops.read_value(key, codec)
         if frozen is not NO_VALUE:
             self.regions.l1.set(key, (entity, gen, frozen))
             hit: Q = codec.from_l1(frozen)
@@ -375,8 +347,6 @@ class Cache:
             loaded.append(value)
             fresh = codec.to_l1(value)
             text = serialization.dumps(codec.to_json(fresh))
-            if stamp:
-                text = f"{gen}|{text}"
             self.l2_ops.fill_plain(key, text, ttl)
             return (entity, gen, fresh)
 

@@ -1,7 +1,11 @@
 """Declarative models of the five tables; importing this registers every
 table and index on ``Base.metadata``."""
 
-from orchestrator_data.models.achievement import Achievement
+from orchestrator_data.models.achievement import (
+    ONE_TIME_ACHIEVEMENTS,
+    PER_TASK_ACHIEVEMENTS,
+    Achievement,
+)
 from orchestrator_data.models.agent import AGENT_STATUSES, Agent
 from orchestrator_data.models.audit_log import AUDIT_ACTIONS, AuditLog
 from orchestrator_data.models.base import Base, to_dict
@@ -13,6 +17,8 @@ __all__ = [
     "AGENT_SEARCH_DOCUMENT",
     "AGENT_STATUSES",
     "AUDIT_ACTIONS",
+    "ONE_TIME_ACHIEVEMENTS",
+    "PER_TASK_ACHIEVEMENTS",
     "PRIORITY_MAX",
     "PRIORITY_MIN",
     "TASK_SEARCH_DOCUMENT",

@@ -12,6 +12,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from orchestrator_data.models.base import Base, created_at, jsonb_object, uuid_pk
 
+#: Achievements an agent earns at most once (unique per agent, migration 004).
+ONE_TIME_ACHIEVEMENTS = ("first_task", "tasks_10", "tasks_100")
+#: Achievements earned again and again, at most once per task that triggered
+#: them (``metadata.task_id``; unique per agent and task, migration 004).
+PER_TASK_ACHIEVEMENTS = ("completion_streak", "fast_completion")
+
 
 class Achievement(Base):
     __tablename__ = "achievements"

@@ -6,7 +6,11 @@ from __future__ import annotations
 from sqlalchemy import Index, cast, func, literal, text
 from sqlalchemy.dialects.postgresql import JSONB, REGCONFIG
 
-from orchestrator_data.models.achievement import Achievement
+from orchestrator_data.models.achievement import (
+    ONE_TIME_ACHIEVEMENTS,
+    PER_TASK_ACHIEVEMENTS,
+    Achievement,
+)
 from orchestrator_data.models.agent import Agent
 from orchestrator_data.models.audit_log import AuditLog
 from orchestrator_data.models.session import Session
@@ -62,4 +66,29 @@ INDEXES_003 = (
     Index("ix_audit_logs_action", AuditLog.action),
     Index("ix_audit_logs_timestamp", AuditLog.timestamp),
     Index("ix_audit_logs_metadata", AuditLog.metadata_, postgresql_using="gin"),
+)
+
+
+def _type_in(types: tuple[str, ...]) -> str:
+    return "achievement_type IN ({})".format(", ".join(f"'{t}'" for t in types))
+
+
+# Awarding is idempotent because the database says so, at any isolation level
+# and however many workers award at once: a second row is a unique violation.
+INDEXES_004 = (
+    Index(
+        "uq_achievements_award_once",
+        Achievement.agent_id,
+        Achievement.achievement_type,
+        unique=True,
+        postgresql_where=text(_type_in(ONE_TIME_ACHIEVEMENTS)),
+    ),
+    Index(
+        "uq_achievements_award_per_task",
+        Achievement.agent_id,
+        Achievement.achievement_type,
+        Achievement.metadata_["task_id"].astext,
+        unique=True,
+        postgresql_where=text(_type_in(PER_TASK_ACHIEVEMENTS)),
+    ),
 )

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import ColumnElement, func, select
 
-from orchestrator_data.cache.layer import INFO_CACHE
 from orchestrator_data.models import Achievement, Agent
 from orchestrator_data.repositories import _checks
 from orchestrator_data.repositories.base import Repository, coerce_uuid
 from orchestrator_data.schemas import AchievementSchema
-
-if TYPE_CHECKING:
-    from orchestrator_data.cache.layer import Cache
 
 
 class AchievementRepository(Repository[Achievement]):
@@ -24,21 +20,12 @@ class AchievementRepository(Repository[Achievement]):
     schema_type = AchievementSchema
     sortable = frozenset({"created_at", "points", "completed_at"})
 
-    def points_of(self, agent_id: uuid.UUID | str, *, cached: bool | None = None) -> int:
-        """Total points awarded to ``agent_id`` (0 when none); cached under
-        ``cache:stats:agent:{id}`` like :meth:`get`."""
-        ident = coerce_uuid(agent_id, "agent_id")
-
-        def load() -> int:
-            stmt = select(func.coalesce(func.sum(Achievement.points), 0)).where(
-                Achievement.agent_id == ident
-            )
-            return int(self.session.scalar(stmt) or 0)
-
-        cache: Cache | None = self.session.info.get(INFO_CACHE)
-        if cache is None:
-            return load()
-        return cache.get_stats(self.session, self.entity, "agent", ident, load, cached=cached)
+    def points_of(self, agent_id: uuid.UUID | str) -> int:
+        """Total points awarded to ``agent_id`` (0 when none)."""
+        stmt = select(func.coalesce(func.sum(Achievement.points), 0)).where(
+            Achievement.agent_id == coerce_uuid(agent_id, "agent_id")
+        )
+        return int(self.session.scalar(stmt) or 0)
 
     def leaderboard(self, *, limit: int = 10) -> list[tuple[uuid.UUID, str, int]]:
         """``(agent_id, agent name, total points)``, most points first."""

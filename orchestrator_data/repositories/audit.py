@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, NoReturn, cast
+from datetime import datetime
+from typing import Any, NoReturn
 
 from sqlalchemy import ColumnElement
 
-from orchestrator_data.errors import OrchestratorDataError
+from orchestrator_data.errors import OrchestratorDataError, ValidationError
 from orchestrator_data.models import AUDIT_ACTIONS, AuditLog
 from orchestrator_data.pagination import Page
 from orchestrator_data.repositories import _checks
@@ -16,19 +17,32 @@ from orchestrator_data.schemas import AuditLogSchema
 
 class AuditLogRepository(Repository[AuditLog]):
     """Filters: ``resource_type``, ``resource_id``, ``actor_type``, ``actor_id``,
-    ``action``, ``since``, ``until``. Ordered by ``timestamp``."""
+    ``action``, ``since``, ``until``, ``txid``, ``correlation_id``. Ordered by
+    ``timestamp`` (then ``id``); every query pages with ``limit`` / ``after``."""
 
     model_type = AuditLog
     schema_type = AuditLogSchema
     sortable = frozenset({"timestamp"})
     default_order = "timestamp"
 
-    def history(self, resource_type: str, resource_id: str, **kw: Any) -> Page[AuditLog]:
-        """Every change to one resource, oldest first."""
+    def history(self, resource_type: str | None, resource_id: object, **kw: Any) -> Page[AuditLog]:
+        """Every change to one resource, oldest first (``resource_type`` ``None``:
+        whatever the type, for an id alone)."""
         return self.list(resource_type=resource_type, resource_id=str(resource_id), **kw)
 
     def by_actor(self, actor_type: str, actor_id: str | None = None, **kw: Any) -> Page[AuditLog]:
+        """What one actor (or every actor of a type, when ``actor_id`` is None) did."""
         return self.list(actor_type=actor_type, actor_id=actor_id, **kw)
+
+    def by_action(self, action: str, **kw: Any) -> Page[AuditLog]:
+        """Rows of one action (``create``, ``update``, ``delete``, ``prune``)."""
+        return self.list(action=action, **kw)
+
+    def between(
+        self, since: datetime | None = None, until: datetime | None = None, **kw: Any
+    ) -> Page[AuditLog]:
+        """Rows written at or after ``since`` and before ``until`` (either may be open)."""
+        return self.list(since=since, until=until, **kw)
 
     def create(self, **fields: Any) -> NoReturn:
         raise OrchestratorDataError("audit rows are written by the audit hooks, not by callers")
@@ -46,8 +60,15 @@ class AuditLogRepository(Repository[AuditLog]):
             return clause
         if name == "action":
             return AuditLog.action == _checks.one_of(name, value, AUDIT_ACTIONS)
-        if name == "since":
-            return cast("ColumnElement[bool]", AuditLog.timestamp >= value)
-        if name == "until":
-            return cast("ColumnElement[bool]", AuditLog.timestamp < value)
+        if name in ("since", "until"):
+            if not isinstance(value, datetime) or value.tzinfo is None:
+                raise ValidationError({name: ["Must be a timezone-aware datetime."]})
+            if name == "since":
+                return AuditLog.timestamp >= value
+            return AuditLog.timestamp < value
+        if name == "txid":
+            _checks.integer(name, value, 1, 2**63 - 1)
+            return AuditLog.metadata_.contains({"txid": value})
+        if name == "correlation_id":
+            return AuditLog.metadata_.contains({"correlation_id": _checks.text(name, value)})
         return None

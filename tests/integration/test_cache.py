@@ -212,26 +212,6 @@ def test_deleting_an_agent_voids_cached_tasks_that_pointed_at_it(dl: DataLayer) 
         assert uow.agents.get(agent) is None
 
 
-def test_points_of_an_agent_are_cached_as_stats(dl: DataLayer, raw_redis: redis.Redis) -> None:
-    agent = make_agent(dl)
-    with dl.unit_of_work() as uow:
-        uow.achievements.create(agent_id=agent, achievement_type="first", points=10)
-        uow.commit()
-    with dl.unit_of_work(read_only=True) as uow:
-        assert uow.achievements.points_of(agent) == 10
-    dl.cache.wait_for_fills()
-    assert raw_redis.exists(dl.cache.keys.stats("agent", agent))
-    hits = stat(dl, "l1_hits")
-    with dl.unit_of_work(read_only=True) as uow:
-        assert uow.achievements.points_of(agent) == 10
-    assert stat(dl, "l1_hits") == hits + 1
-    with dl.unit_of_work() as uow:
-        uow.achievements.create(agent_id=agent, achievement_type="second", points=5)
-        uow.commit()
-    with dl.unit_of_work(read_only=True) as uow:
-        assert uow.achievements.points_of(agent) == 15
-
-
 def test_search_and_lookups_by_name_and_key_are_cached_and_invalidated(dl: DataLayer) -> None:
     make_agent(dl, name="searchable-one", role="researcher")
     with dl.unit_of_work() as uow:

@@ -43,6 +43,13 @@ def test_demo_runs_every_task_to_a_final_state(
     assert counts["completed"] > 0
     assert re.search(r"transactions: \d+ \(\d+/s\)", out.stdout)
     assert re.search(r"serialization retries: \d+", out.stdout)
+    # Every completed task earned at least a first_task somewhere: a leaderboard.
+    assert int(re.findall(r"achievements awarded: (\d+)", out.stdout)[0]) > 0
+    board = re.findall(r"^\s+\d+\. (demo-\S+)\s+(\d+) pts$", out.stdout, re.M)
+    assert 1 <= len(board) <= 4
+    points = [int(p) for _, p in board]
+    assert points == sorted(points, reverse=True)
+    assert points[0] >= 10
     ratio = re.search(r"cache hit ratio: (\d\.\d\d) \(L1 hits (\d+)", out.stdout)
     assert ratio, out.stdout
     assert float(ratio[1]) > 0 and int(ratio[2]) > 0

@@ -46,7 +46,7 @@ def test_upgrade_downgrade_upgrade_and_no_drift(empty_database: str) -> None:
 
     with DataLayer(Settings(database_url=empty_database, warm_pool=False)) as dl:
         dl.migrate()
-        assert dl.current_revision() == "003"
+        assert dl.current_revision() == "004"
         assert _tables(dl) == {"agents", "tasks", "sessions", "audit_logs", "achievements"}
         dl.downgrade("base")
         assert dl.current_revision() is None
@@ -78,11 +78,11 @@ def test_cli_migrate_commands(empty_database: str, tmp_path: Path) -> None:
         return out.stdout
 
     assert "current: base" in run("status")
-    assert "pending: 003" in run("status")
-    assert "revision 003" in run("up")
+    assert "pending: 004" in run("status")
+    assert "revision 004" in run("up")
     assert "up to date" in run("status")
-    assert "revision 002" in run("down")
-    assert "revision 003" in run("up", "head")
+    assert "revision 003" in run("down")
+    assert "revision 004" in run("up", "head")
 
 
 def test_cli_migrate_create_numbers_the_next_revision(empty_database: str) -> None:

@@ -92,7 +92,6 @@ def test_keys_follow_the_design() -> None:
     assert k.entity("task", ident) == f"p:cache:task:{ident}"
     assert k.entity("session", ident) == f"p:cache:session:{ident}"
     assert k.query("agent", 7, "abc") == "p:cache:query:agent:7:abc"
-    assert k.stats("agent", ident) == f"p:cache:stats:agent:{ident}"
     assert digest("list", {"b": 1, "a": 2}) == digest("list", {"a": 2, "b": 1})
     assert digest("list", {"a": 1}) != digest("list", {"a": 2})
 
