@@ -382,3 +382,15 @@ def test_task_rows_round_trip_through_l2(dl: DataLayer) -> None:
 def test_existing_uow_tests_still_see_their_writes(uow: UnitOfWork) -> None:
     agent = uow.agents.create(name="in-tx", role="r")
     assert uow.agents.get(agent.id, cached=True) is agent
+
+
+def test_l1_never_outlives_l2(make_data_layer: Any) -> None:
+    dl: DataLayer = make_data_layer(l1_ttl=10_000_000.0, pool_min=1, warm_pool=False)
+    ttls = dl.settings.ttls
+    ident = uuid.uuid4()
+    assert dl.cache._l1_ttl_for(("agent", ident.int)) == ttls.agent_state
+    assert dl.cache._l1_ttl_for(("task", ident.int)) == ttls.task_result
+    assert dl.cache._l1_ttl_for(("session", ident.int)) == ttls.session
+    assert dl.cache._l1_ttl_for(dl.cache.keys.query("agent", 1, "h")) == ttls.query
+    short: DataLayer = make_data_layer(l1_ttl=5.0, pool_min=1, warm_pool=False)
+    assert short.cache._l1_ttl_for(("task", ident.int)) == 5.0
