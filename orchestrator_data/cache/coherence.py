@@ -21,7 +21,6 @@ from typing import Any
 
 from dogpile.cache.api import CachedValue
 from redis import Redis
-from sqlalchemy.orm import Session as OrmSession
 
 from orchestrator_data.cache import scripts, serialization
 from orchestrator_data.cache.backends import LRUBackend
@@ -71,6 +70,7 @@ class Coherence:
         self.l1 = l1
 
     def admit(self, key: str, value: Any) -> bool:
+        """Whether an L1 fill may be stored (the L1 backend's ``admit``)."""
         # Runs under the L1 lock: an invalidation (which bumps the local
         # generation under the same lock) either happened before, and the
         # fill is refused, or happens after, and deletes what was filled.
@@ -104,11 +104,6 @@ class Coherence:
         t = targets(items)
         if t:
             self._apply(t, everything=False)
-
-    def on_commit(self, session: OrmSession, changes: Sequence[Any]) -> None:
-        """Change-capture subscriber: invalidate what a committed transaction
-        changed (``Change.entity`` / ``.ident`` / ``.action``)."""
-        self.invalidate((c.entity, c.ident, c.action) for c in changes)
 
     def invalidate_all(self) -> None:
         """Void every cached value of this key prefix, in every process."""
@@ -178,6 +173,7 @@ class Coherence:
     # -- broadcast -------------------------------------------------------------------
 
     def on_message(self, message: dict[str, Any]) -> None:
+        """Another process committed: drop what it invalidated from L1."""
         if message.get("o") == self.origin:
             return  # applied locally before it was published
         sent = message.get("t")
@@ -194,6 +190,7 @@ class Coherence:
         self._merge_generations(list(message.get("g", ())), list(message.get("v", ())))
 
     def on_up(self) -> None:
+        """Subscribed (again): load the generations, flush L1, trust it again."""
         values = self._read_counters()
         with self._l1.lock:
             self._l1.clear_locked()
@@ -203,6 +200,7 @@ class Coherence:
         self.stats.l1_flushes += 1
 
     def on_down(self) -> None:
+        """Subscription lost."""
         # Invalidations published from now on may never reach us: stop
         # trusting L1 until resubscribed (and flushed).
         with self._l1.lock:
@@ -217,6 +215,7 @@ class Coherence:
         return [int(v) for v in self._read_script(keys=keys, args=[self._counter_ttl_ms])]
 
     def recover(self) -> None:
+        """Redis answers again (called by the breaker's probe)."""
         # Runs in the probe thread with the breaker still open. Invalidations
         # that failed while Redis was away are repaired wholesale: every
         # generation and epoch is bumped (published to every process), so no

@@ -48,6 +48,8 @@ class L2:
         self._counter_ttl_ms = counter_ttl_ms
 
     def read_row(self, codec: RowCodec[Any], key: str) -> Row | None:
+        """The row at ``key`` if it carries the entity's current epoch, else
+        None (one round trip: the value and the epoch in one MGET)."""
         stats = self.stats
         client = self.client
         assert client is not None
@@ -89,6 +91,8 @@ class L2:
         return frozen
 
     def fill_row(self, codec: RowCodec[Any], key: str, gen: int, row: Row) -> None:
+        """Queue the fenced fill of ``row``: written only if the entity's
+        generation is still ``gen`` when Redis runs it."""
         entity = codec.entity
         stats = self.stats
 
@@ -113,6 +117,7 @@ class L2:
         )
 
     def fill_plain(self, key: str, text: str, ttl: float) -> None:
+        """Queue a plain SET (query results: their key carries the generation)."""
         stats = self.stats
 
         def on_reply(_: Any) -> None:
