@@ -78,6 +78,13 @@ def demo(
     click.echo("leaderboard:")
     for rank, (name, points) in enumerate(report.leaderboard, start=1):
         click.echo(f"  {rank:>2}. {name:<32} {points:>6} pts")
+    c = report.cache
+    if c:
+        click.echo(
+            f"  cache hit ratio: {c['hit_ratio']:.2f} (L1 hits {c['l1_hits']:.0f}, "
+            f"L2 hits {c['l2_hits']:.0f}, database reads {c['loads']:.0f}; "
+            f"{c['invalidations']:.0f} invalidations, {c['bypassed']:.0f} reads bypassed)"
+        )
 
 
 @cli.group()

@@ -72,8 +72,16 @@ class Settings:
     # Caching.
     cache_enabled: bool = True
     l1_max_entries: int = 10_000
-    l1_ttl: float = 60.0
+    l1_ttl: float = 60.0  # capped per kind by the L2 TTL of the TTL table
     ttls: CacheTTLs = field(default_factory=CacheTTLs)
+    # While Redis is down the breaker skips it; it probes every interval
+    # (a PING with this timeout) and a call in flight longer than
+    # cache_slow_call opens it, so callers never queue behind command timeouts.
+    cache_probe_interval: float = 1.0
+    cache_probe_timeout: float = 0.25
+    cache_slow_call: float = 0.5
+    # L2 fills sent but not yet acknowledged by Redis; beyond this they are dropped.
+    cache_fill_queue: int = 10_000
     # Embedded servers (CLI / tests only).
     data_dir: str = ".orchestrator_data"
 
@@ -93,6 +101,9 @@ class Settings:
             "redis_connect_timeout",
             "redis_command_timeout",
             "l1_ttl",
+            "cache_probe_interval",
+            "cache_probe_timeout",
+            "cache_slow_call",
         ):
             if getattr(self, name) <= 0:
                 problems[name] = "must be > 0"
@@ -102,6 +113,8 @@ class Settings:
             problems["redis_max_retries"] = "must be >= 0"
         if self.l1_max_entries < 1:
             problems["l1_max_entries"] = "must be >= 1"
+        if self.cache_fill_queue < 1:
+            problems["cache_fill_queue"] = "must be >= 1"
         if self.default_isolation.upper() not in ISOLATION_LEVELS:
             problems["default_isolation"] = f"must be one of {sorted(ISOLATION_LEVELS)}"
         for name in ("database_url", "redis_url", "coordination_redis_url"):

@@ -24,6 +24,9 @@ from orchestrator_data import dberrors
 from orchestrator_data.actor import Actor, current_actor
 from orchestrator_data.audit import AuditTrail
 from orchestrator_data.awards import Awards
+from orchestrator_data.cache import Cache, CacheRegions
+from orchestrator_data.cache.layer import INFO_CACHE
+from orchestrator_data.cache.stats import CacheCollector
 from orchestrator_data.captured_session import CapturedSession
 from orchestrator_data.changes import ChangeCapture
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
@@ -57,7 +60,9 @@ class DataLayer:
     clients connect on first use. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, cache_regions: CacheRegions | None = None
+    ) -> None:
         self.settings = settings or Settings.from_env()
         if not self.settings.database_url:
             raise ConfigurationError(
@@ -74,6 +79,14 @@ class DataLayer:
         # One factory per (isolation, read-only) pair: the option engines carry
         # the isolation level into psycopg2's BEGIN, costing no extra round trip.
         self._factories: dict[tuple[str, bool], sessionmaker[OrmSession]] = {}
+        self._redis: Redis | None = None
+        self._coordination_redis: Redis | None = None
+        self.cache = Cache(
+            self.settings,
+            self.redis if self.settings.redis_url else None,
+            regions=cache_regions,
+        )
+        self.metrics.registry.register(CacheCollector(self.cache.stats))
         for level in ISOLATION_LEVELS:
             for read_only in (False, True):
                 options: dict[str, Any] = {"isolation_level": level}
@@ -85,25 +98,31 @@ class DataLayer:
                     class_=CapturedSession,
                     expire_on_commit=False,
                     autoflush=True,
+                    info={INFO_CACHE: self.cache},
                 )
         # Every write through these sessions becomes a Change: the audit trail
         # and the cache subscribe to it (see changes.py).
         self.changes = ChangeCapture([Agent, Task, SessionModel, Achievement])
         for factory in self._factories.values():
             self.changes.install(factory)
+            event.listen(factory, "after_transaction_create", self.cache.after_transaction_create)
+            event.listen(factory, "after_transaction_end", self.cache.after_transaction_end)
+        # Invalidation happens after the outermost COMMIT only; a rollback
+        # (savepoint included) leaves nothing queued (see changes.py).
+        self.changes.on_commit(self.cache.on_commit)
         self.audit_trail = AuditTrail(self.changes) if self.settings.audit_enabled else None
         self.stats = StatsCache(self)
         self.stats.install(self.changes)
         self.awards = Awards()
-        self._redis: Redis | None = None
-        self._coordination_redis: Redis | None = None
         self._closed = False
         if self.settings.warm_pool and self.settings.pool_min > 0:
             try:
                 warm_pool(self.engine, self.settings.pool_min)
             except sa_exc.OperationalError as err:
                 self.engine.dispose()
+                self.cache.close()
                 raise unavailable(err) from err
+        self.cache.start()
 
     # -- sessions and transactions -------------------------------------------
 
@@ -287,6 +306,7 @@ class DataLayer:
         if self._closed:
             return
         self._closed = True
+        self.cache.close()
         self.engine.dispose()
         for client in (self._redis, self._coordination_redis):
             if client is not None:

@@ -41,6 +41,8 @@ class DemoReport:
     seconds: float
     achievements: int = 0
     leaderboard: list[tuple[str, int]] = field(default_factory=list)
+    #: Cache counters of the run (``dl.cache.stats()`` differences).
+    cache: dict[str, float] = field(default_factory=dict)
 
     @property
     def ops_per_second(self) -> float:
@@ -67,6 +69,7 @@ def run_demo(
     started_at = datetime.now(timezone.utc)
     transactions_before = _transactions(dl)
     retries_before = dl.metrics.retries
+    cache_before = dl.cache.stats()
 
     def register(uow: UnitOfWork) -> list[uuid.UUID]:
         ids = []
@@ -103,6 +106,11 @@ def run_demo(
         while True:
             agent_id = local.choice(agent_ids)
             actor = Actor("agent", str(agent_id))
+            # An agent looks itself up before taking work: a read-only unit of
+            # work, served by the cache once the profile is in it.
+            with dl.unit_of_work(read_only=True) as lookup:
+                if lookup.agents.get(agent_id) is None:
+                    return
             claimed = dl.run_in_transaction(partial(_claim, agent_id=agent_id), actor=actor)
             if claimed is None:
                 return
@@ -145,6 +153,8 @@ def run_demo(
         ).all()
         by_status = {status: int(n) for status, n in rows}
         awarded = uow.achievements.count(created_after=started_at)
+        for agent_id in agent_ids:
+            uow.agents.get(agent_id)
     board = dl.stats.leaderboard(limit=5)
     return DemoReport(
         run_id=run_id,
@@ -157,6 +167,7 @@ def run_demo(
         seconds=time.perf_counter() - started,
         achievements=awarded,
         leaderboard=[(entry.name, entry.points) for entry in board],
+        cache=_cache_delta(cache_before, dl.cache.stats()),
     )
 
 
@@ -190,6 +201,14 @@ def _finish(uow: UnitOfWork, task_id: uuid.UUID, fail: bool, awards: Awards) -> 
         return False
     uow.tasks.update(task_id, status="failed", completed_at=now, error_message="simulated failure")
     return True
+
+
+def _cache_delta(before: dict[str, object], after: dict[str, object]) -> dict[str, float]:
+    names = ("l1_hits", "l2_hits", "loads", "bypassed", "invalidations", "fills_refused")
+    out = {n: float(after[n]) - float(before[n]) for n in names}  # type: ignore[arg-type]
+    lookups = out["l1_hits"] + out["l2_hits"] + out["loads"]
+    out["hit_ratio"] = (out["l1_hits"] + out["l2_hits"]) / lookups if lookups else 0.0
+    return out
 
 
 def _transactions(dl: DataLayer) -> int:

@@ -31,13 +31,22 @@ class AgentRepository(Repository[Agent]):
         """Agents that have every one of ``capabilities`` (JSONB containment, GIN-indexed)."""
         return self.list(capability=list(capabilities), **kw)
 
-    def get_by_name(self, name: str) -> Agent | None:
-        return self.session.scalars(self._select({"name": name})).first()
+    def get_by_name(self, name: str, *, cached: bool | None = None) -> Agent | None:
+        def load() -> tuple[list[Agent], str | None]:
+            found = self.session.scalars(self._select({"name": name})).first()
+            return ([found] if found is not None else []), None
 
-    def search(self, query: str, *, limit: int = 20) -> list[Agent]:
+        rows, _ = self._rows(("by_name", name), load, cached)
+        return rows[0] if rows else None
+
+    def search(self, query: str, *, limit: int = 20, cached: bool | None = None) -> list[Agent]:
         """Agents whose name or role matches ``query`` (full text, best match first)."""
         _checks.text("query", query, 1000)
         _checks.integer("limit", limit, 1, 1000)
+        rows, _ = self._rows(("search", query, limit), lambda: self._search(query, limit), cached)
+        return rows
+
+    def _search(self, query: str, limit: int) -> tuple[list[Agent], None]:
         tsquery = func.plainto_tsquery(literal_column("'simple'::regconfig"), query)
         stmt = (
             self._select({})
@@ -45,7 +54,7 @@ class AgentRepository(Repository[Agent]):
             .order_by(func.ts_rank(AGENT_SEARCH_DOCUMENT, tsquery).desc(), Agent.id)
             .limit(limit)
         )
-        return list(self.session.scalars(stmt))
+        return list(self.session.scalars(stmt)), None
 
     def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
         if name == "role":

@@ -10,19 +10,27 @@ from __future__ import annotations
 import builtins
 import functools
 import uuid
-from collections.abc import Mapping
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 from sqlalchemy import ColumnElement, Select, func, select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.orm import Session as OrmSession
 
+from orchestrator_data.cache.invalidation import ROW_CACHED
+from orchestrator_data.cache.layer import INFO_CACHE
+from orchestrator_data.cache.query_codecs import SCALAR
 from orchestrator_data.errors import NotFoundError, ValidationError
 from orchestrator_data.models.base import Base, to_dict
 from orchestrator_data.pagination import Page, decode_cursor, encode_cursor
 from orchestrator_data.schemas.base import EntitySchema, load
 
+if TYPE_CHECKING:
+    from orchestrator_data.cache.layer import Cache
+    from orchestrator_data.cache.query_codecs import QueryCodec
+
 ModelT = TypeVar("ModelT", bound=Base)
+Q = TypeVar("Q")
 
 MAX_PAGE_SIZE = 1000
 
@@ -71,17 +79,70 @@ class Repository(Generic[ModelT]):
 
     # -- reads ---------------------------------------------------------------
 
-    def get(self, ident: uuid.UUID | str) -> ModelT | None:
-        """The row with primary key ``ident``, or ``None``."""
-        obj: ModelT | None = self.session.get(self.model_type, coerce_uuid(ident))  # type: ignore[assignment]
-        return obj
+    def get(
+        self, ident: uuid.UUID | str, *, cached: bool | None = None, for_update: bool = False
+    ) -> ModelT | None:
+        """The row with primary key ``ident``, or ``None``.
 
-    def get_or_raise(self, ident: uuid.UUID | str) -> ModelT:
+        Read-only units of work read through the cache (L1, L2, then
+        PostgreSQL); others read PostgreSQL. ``cached=True`` asks for a cached
+        read anyway (the last committed value, outside the transaction's
+        snapshot and SSI), ``cached=False`` refuses one. ``for_update=True``
+        locks the row (``SELECT ... FOR UPDATE``) and never uses the cache.
+        A row served from the cache is a detached copy of its own.
+        """
+        key = coerce_uuid(ident)
+        session = self.session
+        if for_update:
+            locked: ModelT | None = session.get(self.model_type, key, with_for_update=True)  # type: ignore[assignment]
+            return locked
+        cache: Cache | None = session.info.get(INFO_CACHE)
+        if cache is None or self.entity not in ROW_CACHED:
+            obj: ModelT | None = session.get(self.model_type, key)  # type: ignore[assignment]
+            return obj
+        row: ModelT | None = cache.get_row(session, self.model_type, key, cached=cached)  # type: ignore[assignment]
+        return row
+
+    def get_or_raise(self, ident: uuid.UUID | str, *, cached: bool | None = None) -> ModelT:
         """The row with primary key ``ident``; :class:`NotFoundError` if absent."""
-        obj = self.get(ident)
+        obj = self.get(ident, cached=cached)
         if obj is None:
             raise NotFoundError(self.entity, ident)
         return obj
+
+    def invalidate_caches(self) -> None:
+        """Drop every cached row and query result of this entity, in every
+        process (for data changed behind the data layer's back)."""
+        cache: Cache | None = self.session.info.get(INFO_CACHE)
+        if cache is not None:
+            cache.invalidate([(self.entity, None, "update")])
+
+    def _cached(
+        self,
+        parts: Sequence[Any],
+        load: Callable[[], Q],
+        codec: QueryCodec[Q] | None,
+        cached: bool | None,
+    ) -> Q:
+        """``load()`` through the query cache of this entity (see cache.layer)."""
+        cache: Cache | None = self.session.info.get(INFO_CACHE)
+        if cache is None or self.entity not in cache.codecs:
+            return load()  # not a cached entity (audit rows)
+        if codec is None:
+            codec = cache.rows_codecs[self.entity]  # type: ignore[assignment]
+            assert codec is not None
+        return cache.get_query(self.session, self.entity, parts, load, codec, cached=cached)
+
+    def _scalar(self, parts: Sequence[Any], load: Callable[[], Q], cached: bool | None) -> Q:
+        return self._cached(parts, load, cast("QueryCodec[Q]", SCALAR), cached)
+
+    def _rows(
+        self,
+        parts: Sequence[Any],
+        load: Callable[[], tuple[builtins.list[ModelT], str | None]],
+        cached: bool | None,
+    ) -> tuple[builtins.list[ModelT], str | None]:
+        return self._cached(parts, load, None, cached)
 
     def list(
         self,
@@ -90,11 +151,13 @@ class Repository(Generic[ModelT]):
         after: str | None = None,
         order_by: str | None = None,
         descending: bool = False,
+        cached: bool | None = None,
         **filters: Any,
     ) -> Page[ModelT]:
         """A page of rows matching ``filters``, in a stable order
         (``order_by`` then ``id``). Pass the returned ``next_cursor`` as
-        ``after`` to continue; rows inserted meanwhile never shift pages."""
+        ``after`` to continue; rows inserted meanwhile never shift pages.
+        ``cached`` as for :meth:`get`."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
             raise ValidationError({"limit": [f"Must be between 1 and {MAX_PAGE_SIZE}."]})
         order = order_by or self.default_order
@@ -102,6 +165,20 @@ class Repository(Generic[ModelT]):
             raise ValidationError(
                 {"order_by": [f"Must be one of: {', '.join(sorted(self.sortable))}."]}
             )
+        parts = ("list", limit, after, order, descending, filters)
+        rows, cursor = self._rows(
+            parts, lambda: self._load_page(limit, after, order, descending, filters), cached
+        )
+        return Page(rows, cursor)
+
+    def _load_page(
+        self,
+        limit: int,
+        after: str | None,
+        order: str,
+        descending: bool,
+        filters: Mapping[str, Any],
+    ) -> tuple[builtins.list[ModelT], str | None]:
         column: InstrumentedAttribute[Any] = getattr(self.model_type, order)
         ident: InstrumentedAttribute[Any] = self.model_type.id  # type: ignore[attr-defined]
         stmt = self._select(filters)
@@ -119,12 +196,16 @@ class Repository(Generic[ModelT]):
             rows = rows[:limit]
             last = rows[-1]
             next_cursor = encode_cursor(getattr(last, order), last.id)  # type: ignore[attr-defined]
-        return Page(rows, next_cursor)
+        return rows, next_cursor
 
-    def count(self, **filters: Any) -> int:
+    def count(self, *, cached: bool | None = None, **filters: Any) -> int:
         """Number of rows matching ``filters`` (the same filters as :meth:`list`)."""
-        stmt = select(func.count()).select_from(self.model_type).where(*self._where(filters))
-        return int(self.session.scalar(stmt) or 0)
+
+        def load() -> int:
+            stmt = select(func.count()).select_from(self.model_type).where(*self._where(filters))
+            return int(self.session.scalar(stmt) or 0)
+
+        return self._scalar(("count", filters), load, cached)
 
     # -- writes --------------------------------------------------------------
 
@@ -144,7 +225,7 @@ class Repository(Generic[ModelT]):
         if refused:
             raise ValidationError({f: ["Cannot be changed."] for f in refused}, entity=self.entity)
         values = load(self._schema, fields, partial=True, entity=self.entity)
-        obj = self.get_or_raise(key)
+        obj = self.get_or_raise(key, cached=False)
         for attr, value in values.items():
             setattr(obj, attr, value)
         self.session.flush()
@@ -152,7 +233,7 @@ class Repository(Generic[ModelT]):
 
     def delete(self, ident: uuid.UUID | str) -> None:
         """Delete the row ``ident``; NotFoundError if absent."""
-        obj = self.get_or_raise(ident)
+        obj = self.get_or_raise(ident, cached=False)
         self.session.delete(obj)
         self.session.flush()
 

@@ -20,11 +20,16 @@ class SessionRepository(Repository[Session]):
     schema_type = SessionSchema
     sortable = frozenset({"created_at", "expires_at", "updated_at"})
 
-    def get_by_key(self, session_key: str) -> Session | None:
+    def get_by_key(self, session_key: str, *, cached: bool | None = None) -> Session | None:
         """The session with ``session_key``, or ``None``."""
-        return self.session.scalars(
-            self._select({}).where(Session.session_key == _checks.text("session_key", session_key))
-        ).first()
+        key = _checks.text("session_key", session_key)
+
+        def load() -> tuple[list[Session], None]:
+            found = self.session.scalars(self._select({}).where(Session.session_key == key)).first()
+            return ([found] if found is not None else []), None
+
+        rows, _ = self._rows(("by_key", key), load, cached)
+        return rows[0] if rows else None
 
     def delete_expired(self, now: datetime | None = None) -> int:
         """Delete sessions whose ``expires_at`` has passed; return how many."""

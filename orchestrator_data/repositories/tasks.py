@@ -37,10 +37,18 @@ class TaskRepository(Repository[Task]):
     ) -> Page[Task]:
         return self.list(priority_min=low, priority_max=high, **kw)
 
-    def search(self, query: str, *, limit: int = 20, **filters: Any) -> list[Task]:
+    def search(
+        self, query: str, *, limit: int = 20, cached: bool | None = None, **filters: Any
+    ) -> list[Task]:
         """Tasks whose type or payload strings match ``query`` (full text)."""
         _checks.text("query", query, 1000)
         _checks.integer("limit", limit, 1, 1000)
+        rows, _ = self._rows(
+            ("search", query, limit, filters), lambda: self._search(query, limit, filters), cached
+        )
+        return rows
+
+    def _search(self, query: str, limit: int, filters: dict[str, Any]) -> tuple[list[Task], None]:
         tsquery = func.plainto_tsquery(literal_column("'simple'::regconfig"), query)
         stmt = (
             self._select(filters)
@@ -48,7 +56,7 @@ class TaskRepository(Repository[Task]):
             .order_by(func.ts_rank(TASK_SEARCH_DOCUMENT, tsquery).desc(), Task.id)
             .limit(limit)
         )
-        return list(self.session.scalars(stmt))
+        return list(self.session.scalars(stmt)), None
 
     def claim_next(
         self, agent_id: uuid.UUID | str, *, types: list[str] | None = None

@@ -9,10 +9,19 @@ import subprocess
 import sys
 
 from fixtures.pytest_plugin import Servers
+from orchestrator_data import Settings
 
 
-def test_demo_runs_every_task_to_a_final_state(od_database_url: str, od_servers: Servers) -> None:
-    env = {**os.environ, "DATABASE_URL": od_database_url, "REDIS_URL": od_servers.redis_url}
+def test_demo_runs_every_task_to_a_final_state(
+    od_database_url: str, od_servers: Servers, od_settings: Settings
+) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": od_database_url,
+        "REDIS_URL": od_servers.redis_url,
+        # Under the run's prefix, so the run's clean-up removes the demo's keys.
+        "ORCHESTRATOR_KEY_PREFIX": od_settings.key_prefix + "demo:",
+    }
     exe = shutil.which("orchestrator-data")
     cmd = [exe] if exe else [sys.executable, "-m", "orchestrator_data"]
     out = subprocess.run(
@@ -41,6 +50,9 @@ def test_demo_runs_every_task_to_a_final_state(od_database_url: str, od_servers:
     points = [int(p) for _, p in board]
     assert points == sorted(points, reverse=True)
     assert points[0] >= 10
+    ratio = re.search(r"cache hit ratio: (\d\.\d\d) \(L1 hits (\d+)", out.stdout)
+    assert ratio, out.stdout
+    assert float(ratio[1]) > 0 and int(ratio[2]) > 0
 
 
 def test_bad_arguments_get_a_clear_message() -> None:
