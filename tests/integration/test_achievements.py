@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from fixtures.concurrency import run_threads
 from orchestrator_data import Actor, ConflictError, DataLayer, UnitOfWork
 from orchestrator_data.awards import Awards, agent_record, award
 from orchestrator_data.models import Achievement
@@ -95,7 +96,6 @@ def test_concurrent_awarding_yields_one_row(
     agent_id = _agent(dl)
     barrier = threading.Barrier(8)
     results: list[bool] = []
-    errors: list[BaseException] = []
     first_attempt = threading.local()
 
     def give(uow: UnitOfWork) -> bool:
@@ -106,18 +106,10 @@ def test_concurrent_awarding_yields_one_row(
         got = award(uow, agent_id, "first_task", 10, {"by": threading.get_ident()})
         return got is not None
 
-    def worker() -> None:
-        try:
-            results.append(dl.run_in_transaction(give, isolation=isolation))
-        except BaseException as err:
-            errors.append(err)
+    def worker(_: int) -> None:
+        results.append(dl.run_in_transaction(give, isolation=isolation))
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_threads(8, worker) == []
     with dl.unit_of_work(read_only=True) as uow:
         assert uow.achievements.count(agent_id=agent_id, achievement_type="first_task") == 1
         assert uow.audit.count(resource_type="achievement") == 1

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import delete, insert, text, update
 from sqlalchemy.exc import DBAPIError
 
+from fixtures.concurrency import run_threads
 from orchestrator_data import Actor, DataLayer, UnitOfWork, acting_as, correlated
 from orchestrator_data.models import Agent, AuditLog, Task
 
@@ -201,23 +202,12 @@ def test_retried_transactions_leave_only_the_committed_attempts_rows(
     with dl.unit_of_work() as uow:
         agent_id = uow.agents.create(name="counter", role="r", metadata={"n": 0}).id
         uow.commit()
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
 
     def worker(i: int) -> None:
-        barrier.wait()
-        try:
-            for _ in range(10):
-                dl.run_in_transaction(_increment(agent_id), actor=Actor("agent", f"w{i}"))
-        except BaseException as err:
-            errors.append(err)
+        for _ in range(10):
+            dl.run_in_transaction(_increment(agent_id), actor=Actor("agent", f"w{i}"))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_threads(4, worker) == []
     assert dl.metrics.retries > 0  # attempts did fail and run again
     updates = audit_rows(dl, agent_id, action="update")
     # One row per committed increment, forming the exact chain 0 -> 1 -> ... -> 40.
@@ -263,21 +253,15 @@ def test_concurrent_units_of_work_keep_their_own_actor(
     make_data_layer: Callable[..., DataLayer], data_layer: DataLayer
 ) -> None:
     dl = make_data_layer(pool_max=6)
-    barrier = threading.Barrier(6)
 
     def work(i: int) -> None:
         with acting_as(Actor("agent", f"t{i}")):
-            barrier.wait()
             for j in range(5):
                 with dl.unit_of_work() as uow:
                     uow.agents.create(name=f"t{i}-{j}", role="r")
                     uow.commit()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert run_threads(6, work) == []
     rows = audit_rows(dl, action="create")
     assert len(rows) == 30
     assert all(r.new_value["name"].split("-")[0] == r.actor_id for r in rows)
@@ -390,23 +374,11 @@ def test_concurrent_bulk_increments_chain_exactly_in_the_audit_trail(
             update(Task).where(Task.id == task_id).values(retry_count=Task.retry_count + 1)
         )
 
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
+    def worker(_: int) -> None:
+        for _ in range(10):
+            dl.run_in_transaction(bump, isolation=isolation)
 
-    def worker() -> None:
-        barrier.wait()
-        try:
-            for _ in range(10):
-                dl.run_in_transaction(bump, isolation=isolation)
-        except BaseException as err:
-            errors.append(err)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_threads(4, worker) == []
     rows = audit_rows(dl, task_id, action="update")
     pairs = sorted((r.old_value["retry_count"], r.new_value["retry_count"]) for r in rows)
     assert pairs == [(n, n + 1) for n in range(40)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ import redis
 from dogpile.cache import CacheRegion
 from dogpile.cache.api import NO_VALUE
 
+from fixtures.concurrency import run_threads
 from orchestrator_data import Settings
 from orchestrator_data.cache.breaker import CircuitBreaker
 from orchestrator_data.cache.regions import CacheRegions
@@ -50,22 +50,16 @@ def test_multi_operations(region: CacheRegion) -> None:
 
 def test_get_or_create_runs_the_creator_once_for_concurrent_misses(region: CacheRegion) -> None:
     calls: list[int] = []
-    barrier = threading.Barrier(20)
     results: list[object] = []
 
     def creator() -> dict[str, int]:
         calls.append(1)
         return {"n": 42}
 
-    def worker() -> None:
-        barrier.wait()
+    def worker(_: int) -> None:
         results.append(region.get_or_create("shared", creator))
 
-    threads = [threading.Thread(target=worker) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert run_threads(20, worker) == []
     assert calls == [1]
     assert results == [{"n": 42}] * 20
 

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from fixtures.concurrency import run_threads
 from orchestrator_data import (
     DatabaseTimeoutError,
     DataLayer,
@@ -86,23 +87,12 @@ def test_concurrent_increments_are_exact_with_retries(
 ) -> None:
     dl = make_data_layer(pool_max=10, max_retries=200, retry_backoff_max=0.05)
     agent_id = _make_counter(dl)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
 
-    def worker() -> None:
-        barrier.wait()
-        try:
-            for _ in range(50):
-                dl.run_in_transaction(_increment(agent_id))
-        except BaseException as err:  # collected and asserted below
-            errors.append(err)
+    def worker(_: int) -> None:
+        for _ in range(50):
+            dl.run_in_transaction(_increment(agent_id))
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_threads(8, worker) == []
     with dl.unit_of_work() as uow:
         assert uow.agents.get_or_raise(agent_id).metadata_["n"] == 400
     assert dl.metrics.retries > 0
