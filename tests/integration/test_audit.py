@@ -4,7 +4,6 @@ its audit rows, in the same transaction, with the right actor and values."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -13,7 +12,7 @@ import pytest
 from sqlalchemy import delete, insert, text, update
 from sqlalchemy.exc import DBAPIError
 
-from fixtures.concurrency import run_threads
+from fixtures.concurrency import increment, run_threads
 from orchestrator_data import Actor, DataLayer, UnitOfWork, acting_as, correlated
 from orchestrator_data.models import Agent, AuditLog, Task
 
@@ -184,17 +183,6 @@ def test_rollback_and_savepoint_rollback_discard_their_rows(data_layer: DataLaye
     assert str(inner.id) not in {r.resource_id for r in rows}
 
 
-def _increment(agent_id: uuid.UUID) -> Callable[[UnitOfWork], int]:
-    def fn(uow: UnitOfWork) -> int:
-        agent = uow.agents.get_or_raise(agent_id)
-        value = int(agent.metadata_["n"]) + 1
-        time.sleep(0.001)  # widen the read-modify-write window
-        uow.agents.update(agent_id, metadata={"n": value})
-        return value
-
-    return fn
-
-
 def test_retried_transactions_leave_only_the_committed_attempts_rows(
     make_data_layer: Callable[..., DataLayer], data_layer: DataLayer
 ) -> None:
@@ -205,7 +193,7 @@ def test_retried_transactions_leave_only_the_committed_attempts_rows(
 
     def worker(i: int) -> None:
         for _ in range(10):
-            dl.run_in_transaction(_increment(agent_id), actor=Actor("agent", f"w{i}"))
+            dl.run_in_transaction(increment(agent_id), actor=Actor("agent", f"w{i}"))
 
     assert run_threads(4, worker) == []
     assert dl.metrics.retries > 0  # attempts did fail and run again

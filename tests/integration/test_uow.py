@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from fixtures.concurrency import run_threads
+from fixtures.concurrency import increment, make_counter, run_threads
 from orchestrator_data import (
     DatabaseTimeoutError,
     DataLayer,
@@ -62,35 +61,15 @@ def test_unknown_isolation_level_is_refused(data_layer: DataLayer) -> None:
         pass
 
 
-def _make_counter(dl: DataLayer) -> uuid.UUID:
-    with dl.unit_of_work() as uow:
-        agent = uow.agents.create(
-            name=f"counter-{uuid.uuid4().hex[:6]}", role="counter", metadata={"n": 0}
-        )
-        uow.commit()
-    return agent.id
-
-
-def _increment(agent_id: uuid.UUID) -> Callable[[UnitOfWork], int]:
-    def fn(uow: UnitOfWork) -> int:
-        agent = uow.agents.get_or_raise(agent_id)
-        value = int(agent.metadata_["n"]) + 1
-        time.sleep(0.0005)  # widen the read-modify-write window
-        uow.agents.update(agent_id, metadata={"n": value})
-        return value
-
-    return fn
-
-
 def test_concurrent_increments_are_exact_with_retries(
     make_data_layer: Callable[..., DataLayer],
 ) -> None:
     dl = make_data_layer(pool_max=10, max_retries=200, retry_backoff_max=0.05)
-    agent_id = _make_counter(dl)
+    agent_id = make_counter(dl)
 
     def worker(_: int) -> None:
         for _ in range(50):
-            dl.run_in_transaction(_increment(agent_id))
+            dl.run_in_transaction(increment(agent_id))
 
     assert run_threads(8, worker) == []
     with dl.unit_of_work() as uow:
@@ -102,7 +81,7 @@ def test_retries_are_bounded_and_keep_the_last_error(
     make_data_layer: Callable[..., DataLayer],
 ) -> None:
     dl = make_data_layer(retry_backoff_base=0.001, retry_backoff_max=0.002)
-    agent_id = _make_counter(dl)
+    agent_id = make_counter(dl)
     calls = [0]
 
     def always_conflicts(uow: UnitOfWork) -> None:
@@ -110,7 +89,7 @@ def test_retries_are_bounded_and_keep_the_last_error(
         uow.agents.get_or_raise(agent_id)
         # Another transaction commits a write to the row we read: our write
         # then fails with SQLSTATE 40001 every time.
-        dl.run_in_transaction(_increment(agent_id))
+        dl.run_in_transaction(increment(agent_id))
         uow.agents.update(agent_id, metadata={"n": -1})
 
     with pytest.raises(RetryExhaustedError) as info:
