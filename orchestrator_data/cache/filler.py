@@ -31,6 +31,7 @@ from orchestrator_data.cache.breaker import REDIS_ERRORS, CircuitBreaker
 log = logging.getLogger("orchestrator_data.cache")
 
 OnReply = Callable[[Any], object]
+OnError = Callable[[ResponseError], object]
 
 
 class Filler:
@@ -47,18 +48,21 @@ class Filler:
         self._max_pending = max_pending
         self._batch = batch
         self._conn: Connection | None = None
-        self._buffer: list[tuple[OnReply, tuple[str | int, ...]]] = []
-        self._pending: deque[OnReply] = deque()
+        self._buffer: list[tuple[OnReply, OnError | None, tuple[str | int, ...]]] = []
+        self._pending: deque[tuple[OnReply, OnError | None]] = deque()
         self._lock = threading.Lock()
         self.dropped = 0
 
-    def submit(self, on_reply: OnReply, *command: str | int) -> None:
-        """Queue ``command``; ``on_reply(reply)`` runs when its reply is read."""
+    def submit(
+        self, on_reply: OnReply, *command: str | int, on_error: OnError | None = None
+    ) -> None:
+        """Queue ``command``; ``on_reply(reply)`` runs when its reply is read,
+        ``on_error(err)`` if Redis refused it."""
         if self._client is None or len(self._buffer) + len(self._pending) >= self._max_pending:
             self.dropped += 1
             return
         with self._lock:
-            self._buffer.append((on_reply, command))
+            self._buffer.append((on_reply, on_error, command))
             full = len(self._buffer) >= self._batch
         if full:
             self.flush()
@@ -77,9 +81,9 @@ class Filler:
             try:
                 conn = self._connection()
                 self._drain(conn, block=False)
-                packed = conn.pack_commands([cmd for _, cmd in batch])  # type: ignore[no-untyped-call]
+                packed = conn.pack_commands([cmd for _, _, cmd in batch])  # type: ignore[no-untyped-call]
                 conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
-                self._pending.extend(on_reply for on_reply, _ in batch)
+                self._pending.extend((on_reply, on_error) for on_reply, on_error, _ in batch)
             except REDIS_ERRORS as err:
                 self.dropped += len(batch)
                 self._broken(err)
@@ -111,13 +115,16 @@ class Filler:
 
     def _drain(self, conn: Connection, *, block: bool) -> None:
         while self._pending and (block or conn.can_read(timeout=0)):
-            on_reply = self._pending.popleft()
+            on_reply, on_error = self._pending.popleft()
             try:
                 reply = conn.read_response()
             except ResponseError as err:
-                # Redis refused the command (e.g. out of memory): the fill is lost.
+                # Redis refused the command (out of memory, a script it no
+                # longer knows): the fill is lost.
                 log.debug("cache fill refused by redis: %s", err)
                 self.dropped += 1
+                if on_error is not None:
+                    on_error(err)
                 continue
             on_reply(reply)
 

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from dogpile.cache.api import NO_VALUE
 from redis import Redis
+from redis.exceptions import NoScriptError, ResponseError
 
 from orchestrator_data.cache import scripts, serialization
 from orchestrator_data.cache.breaker import CircuitBreaker
@@ -46,6 +47,9 @@ class L2:
         self.filler = filler
         self._row_ttl = row_ttl
         self._counter_ttl_ms = counter_ttl_ms
+        # EVALSHA once Redis knows the fill script: the body is not sent,
+        # nor hashed by Redis, on every fill.
+        self._fill_sha: str | None = None
 
     def read_row(self, codec: RowCodec[Any], key: str) -> Row | None:
         """The row at ``key`` if it carries the entity's current epoch, else
@@ -102,10 +106,10 @@ class L2:
             else:
                 stats.fills_refused += 1
 
+        sha = self._fill_sha or self._load_fill_script()
         self.filler.submit(
             on_reply,
-            "EVAL",
-            scripts.FILL_ENTITY,
+            *(("EVALSHA", sha) if sha else ("EVAL", scripts.FILL_ENTITY)),
             3,
             key,
             self.keys.generation(entity),
@@ -114,7 +118,21 @@ class L2:
             codec.dumps(row),
             int(self._row_ttl[entity] * 1000),
             self._counter_ttl_ms,
+            on_error=self._fill_refused,
         )
+
+    def _load_fill_script(self) -> str | None:
+        client = self.client
+        assert client is not None
+        sha = self.breaker.call(lambda: client.script_load(scripts.FILL_ENTITY), None)
+        if isinstance(sha, bytes):
+            sha = sha.decode()
+        self._fill_sha = sha if isinstance(sha, str) else None
+        return self._fill_sha
+
+    def _fill_refused(self, err: ResponseError) -> None:
+        if isinstance(err, NoScriptError):
+            self._fill_sha = None  # Redis restarted or flushed its scripts: load again
 
     def fill_plain(self, key: str, text: str, ttl: float) -> None:
         """Queue a plain SET (query results: their key carries the generation)."""

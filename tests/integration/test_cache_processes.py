@@ -259,3 +259,25 @@ def test_a_hung_redis_holds_up_only_the_calls_already_in_flight(
     assert stuck == ["idle"]
     assert wait_until(lambda: dl.cache.usable)
     assert read(dl, second) == "busy"
+
+
+def test_fills_resume_after_redis_forgets_the_fill_script(
+    data_layer: DataLayer, make_data_layer: Any, own_redis: OwnRedis
+) -> None:
+    dl: DataLayer = make_data_layer(redis_url=own_redis.url, pool_min=1, warm_pool=False)
+    assert dl.cache.wait_ready()
+    first, second, third = make_agent(dl), make_agent(dl), make_agent(dl)
+    read(dl, first)
+    dl.cache.wait_for_fills()
+    filled = dl.cache.stats()["l2_fills"]
+    assert filled >= 1
+    client = redis.Redis(port=own_redis.port)
+    client.script_flush()  # as after a restart: the script's SHA is unknown now
+    read(dl, second)  # its fill is refused (NOSCRIPT) and the script loaded again
+    dl.cache.wait_for_fills()
+    read(dl, third)
+    dl.cache.wait_for_fills()
+    assert dl.cache.stats()["l2_fills"] > filled
+    keys = [k.decode() for k in client.scan_iter(match="*cache:agent:*")]
+    assert any(str(third) in k for k in keys)
+    client.close()
