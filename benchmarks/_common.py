@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from orchestrator_data import DataLayer, Settings
 from orchestrator_data.config import sqlalchemy_url
-from orchestrator_data.servers import resolve_settings
+from orchestrator_data.embedded.servers import resolve_settings
 
 
 @dataclass(frozen=True)

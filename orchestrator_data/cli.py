@@ -1,4 +1,9 @@
-"""The ``orchestrator-data`` command line: demo, migrations, embedded servers."""
+"""The ``orchestrator-data`` command line: demo, migrations, the audit trail.
+
+Only click and the standard library are imported at start-up; each command
+imports what it needs (SQLAlchemy, Redis, the DataLayer) when it runs, so
+``--help`` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from orchestrator_data.actor import SYSTEM, Actor
-from orchestrator_data.config import redact_url
-from orchestrator_data.datalayer import DataLayer
 from orchestrator_data.errors import OrchestratorDataError, ValidationError
-from orchestrator_data.retention import parse_duration
-from orchestrator_data.servers import resolve_settings
+
+if TYPE_CHECKING:
+    from orchestrator_data.datalayer import DataLayer
 
 
 @click.group()
@@ -49,24 +55,26 @@ def demo(
     ctx: click.Context, agents: int, tasks: int, workers: int, failure_rate: float, seed: int | None
 ) -> None:
     """Migrate, register agents, enqueue tasks, and let agents work them off."""
+    from orchestrator_data.config import redact_url
+    from orchestrator_data.datalayer import DataLayer
     from orchestrator_data.demo import run_demo
+    from orchestrator_data.embedded.servers import resolve_settings
 
     with resolve_settings(data_dir=ctx.obj["data_dir"]) as settings:
         click.echo(f"database: {redact_url(settings.database_url or '')}")
         click.echo(f"redis:    {redact_url(settings.redis_url or '')}")
         with DataLayer(settings.with_overrides(pool_max=max(settings.pool_max, workers + 2))) as dl:
             dl.migrate("head")
-            with click.progressbar(length=tasks, label="tasks done") as bar:
-                report = run_demo(
-                    dl,
-                    agents=agents,
-                    tasks=tasks,
-                    workers=workers,
-                    failure_rate=failure_rate,
-                    seed=seed,
-                    on_progress=bar.update,
-                )
-    click.echo("")
+            run = partial(
+                run_demo, dl, agents=agents, tasks=tasks, workers=workers,
+                failure_rate=failure_rate, seed=seed,
+            )  # fmt: skip
+            if sys.stdout.isatty():
+                with click.progressbar(length=tasks, label="tasks done") as bar:
+                    report = run(on_progress=bar.update)
+                click.echo("")
+            else:  # a log or a pipe gets the report alone
+                report = run()
     click.echo(f"run {report.run_id}: {report.agents} agents, {report.tasks} tasks")
     click.echo(f"  finished in {report.seconds:.2f} s")
     for status in ("pending", "assigned", "in_progress", "completed", "failed"):
@@ -75,7 +83,7 @@ def demo(
     click.echo(f"  transactions: {report.transactions} ({report.ops_per_second:.0f}/s)")
     click.echo(f"  serialization retries: {report.retries}")
     click.echo(f"  achievements awarded: {report.achievements}")
-    click.echo("leaderboard:")
+    click.echo(f"leaderboard of this run's agents (top {len(report.leaderboard)}):")
     for rank, (name, points) in enumerate(report.leaderboard, start=1):
         click.echo(f"  {rank:>2}. {name:<32} {points:>6} pts")
     c = report.cache
@@ -159,17 +167,17 @@ def migrate_create(ctx: click.Context, name: str, empty: bool) -> None:
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
     # A callback, not a ParamType: ParamType is generic only in recent click.
+    from orchestrator_data.audit.retention import parse_duration
+
     try:
         return parse_duration(value)
-    except ValidationError:
-        raise click.BadParameter(
-            f"{value!r} is not a duration like 90d, 12h, 30m, 45s or 2w"
-        ) from None
+    except ValidationError as err:
+        raise click.BadParameter(" ".join(err.messages["older_than"]).rstrip(".")) from None
 
 
 @cli.group()
 def audit() -> None:
-    """The audit trail: show a resource's history, prune old rows."""
+    """The audit trail: the newest rows, a resource's history, pruning."""
 
 
 @audit.command("prune")
@@ -183,7 +191,7 @@ def audit() -> None:
 @click.pass_context
 def audit_prune(ctx: click.Context, older_than: timedelta) -> None:
     """Delete audit rows older than --older-than; the prune itself is audited."""
-    from orchestrator_data.retention import prune_audit_log
+    from orchestrator_data.audit.retention import prune_audit_log
 
     with _data_layer(ctx) as dl:
         result = dl.run_in_transaction(
@@ -198,14 +206,51 @@ def audit_prune(ctx: click.Context, older_than: timedelta) -> None:
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 1000))
 @click.pass_context
 def audit_show(ctx: click.Context, resource_id: str, resource_type: str | None, limit: int) -> None:
-    """Print the history of RESOURCE_ID, oldest first, field by field."""
-    from orchestrator_data.audit_table import history_lines
+    """Print the history of RESOURCE_ID, oldest first, field by field
+    ('audit recent' lists resource ids)."""
+    from orchestrator_data.audit.history import history_lines
 
     with _data_layer(ctx) as dl, dl.unit_of_work(read_only=True) as uow:
         rows = uow.audit.history(resource_type, resource_id, limit=limit).items
         if not rows:
-            raise click.ClickException(f"no audit rows for {resource_id}")
+            raise click.ClickException(
+                f"no audit rows for {resource_id} ('orchestrator-data audit recent' lists ids)"
+            )
         for line in history_lines(rows):
+            click.echo(line)
+
+
+def _resource_type(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from orchestrator_data.models import RESOURCE_TYPES
+
+    if value is not None and value not in RESOURCE_TYPES:
+        known = ", ".join(RESOURCE_TYPES)
+        raise click.BadParameter(f"{value!r} is not a resource type; known types: {known}")
+    return value
+
+
+@audit.command("recent")
+@click.option(
+    "--type",
+    "resource_type",
+    default=None,
+    callback=_resource_type,
+    help="Only rows of this resource type (agent, task, session, achievement, audit_log).",
+)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.pass_context
+def audit_recent(ctx: click.Context, resource_type: str | None, limit: int) -> None:
+    """Print the newest audit rows, newest first, with the resource ids that
+    'audit show' takes. Prune rows (type audit_log) say what they removed."""
+    from orchestrator_data.audit.history import recent_lines
+
+    with _data_layer(ctx) as dl, dl.unit_of_work(read_only=True) as uow:
+        page = uow.audit.list(resource_type=resource_type, descending=True, limit=limit)
+        if not page.items:
+            what = f"{resource_type} " if resource_type else ""
+            click.echo(f"no {what}audit rows yet")
+            return
+        for line in recent_lines(page.items):
             click.echo(line)
 
 
@@ -219,6 +264,9 @@ def _cli_actor() -> Actor:
 
 @contextmanager
 def _data_layer(ctx: click.Context) -> Iterator[DataLayer]:
+    from orchestrator_data.datalayer import DataLayer
+    from orchestrator_data.embedded.servers import resolve_settings
+
     with (
         resolve_settings(data_dir=ctx.obj["data_dir"]) as settings,
         DataLayer(settings.with_overrides(warm_pool=False)) as dl,

@@ -202,7 +202,16 @@ def _coerce(env_name: str, raw: str, kind: type) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise ConfigurationError(f"{env_name} must be a {kind.__name__}") from None
+        expected = _EXPECTED.get(kind, f"of type {kind.__name__}")
+        raise ConfigurationError(f"{env_name} must be {expected}") from None
+
+
+#: How a setting's expected type is named in an error (never quoting the value,
+#: which may be a secret).
+_EXPECTED: dict[type, str] = {
+    int: "a whole number (e.g. 20)",
+    float: "a number of seconds or a ratio (e.g. 2.5)",
+}
 
 
 def sqlalchemy_url(url: str) -> str:

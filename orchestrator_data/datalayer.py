@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -20,18 +21,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
-from orchestrator_data import dberrors
+from orchestrator_data.achievements.awards import Awards
+from orchestrator_data.achievements.stats import StatsCache
 from orchestrator_data.actor import Actor, current_actor
-from orchestrator_data.audit import AuditTrail
-from orchestrator_data.awards import Awards
+from orchestrator_data.audit.trail import AuditTrail
 from orchestrator_data.cache import Cache, CacheRegions
 from orchestrator_data.cache.layer import INFO_CACHE
 from orchestrator_data.cache.stats import CacheCollector
-from orchestrator_data.captured_session import CapturedSession
-from orchestrator_data.changes import ChangeCapture
+from orchestrator_data.capture.change_capture import ChangeCapture
+from orchestrator_data.capture.session import CapturedSession
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.correlation import current_correlation_id
-from orchestrator_data.engine import build_engine, warm_pool
+from orchestrator_data.db import driver_errors
+from orchestrator_data.db.engine import build_engine, warm_pool
+from orchestrator_data.db.retry import run_with_retry
 from orchestrator_data.errors import (
     ConfigurationError,
     DatabaseTimeoutError,
@@ -40,8 +43,6 @@ from orchestrator_data.errors import (
 from orchestrator_data.metrics import Metrics
 from orchestrator_data.models import Achievement, Agent, Task
 from orchestrator_data.models import Session as SessionModel
-from orchestrator_data.stats import StatsCache
-from orchestrator_data.transaction import run_with_retry
 from orchestrator_data.uow import UnitOfWork
 
 log = logging.getLogger("orchestrator_data")
@@ -111,7 +112,13 @@ class DataLayer:
         # (savepoint included) leaves nothing queued (see changes.py).
         self.changes.on_commit(self.cache.on_commit)
         self.audit_trail = AuditTrail(self.changes) if self.settings.audit_enabled else None
-        self.stats = StatsCache(self)
+        self.stats = StatsCache(
+            redis=self.redis if self.settings.redis_url else None,
+            breaker=self.cache.breaker,
+            reader=partial(self.unit_of_work, read_only=True, isolation="READ COMMITTED"),
+            key_prefix=self.settings.key_prefix,
+            ttl=self.settings.ttls.metrics,
+        )
         self.stats.install(self.changes)
         self.awards = Awards()
         self._closed = False
@@ -338,4 +345,4 @@ def _translate_error(context: Any) -> BaseException | None:
     # The one place driver errors become package errors (by SQLSTATE).
     if getattr(context, "is_pre_ping", False) or getattr(context, "is_disconnect", False):
         return None
-    return dberrors.translate(context.original_exception)
+    return driver_errors.translate(context.original_exception)

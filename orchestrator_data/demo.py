@@ -18,8 +18,8 @@ from functools import partial
 
 from sqlalchemy import func, select
 
+from orchestrator_data.achievements.awards import Awards
 from orchestrator_data.actor import Actor
-from orchestrator_data.awards import Awards
 from orchestrator_data.datalayer import DataLayer
 from orchestrator_data.models import Task
 from orchestrator_data.uow import UnitOfWork
@@ -40,6 +40,7 @@ class DemoReport:
     retries: int
     seconds: float
     achievements: int = 0
+    #: ``(name, points)`` of this run's best agents, most points first.
     leaderboard: list[tuple[str, int]] = field(default_factory=list)
     #: Cache counters of the run (``dl.cache.stats()`` differences).
     cache: dict[str, float] = field(default_factory=dict)
@@ -155,7 +156,7 @@ def run_demo(
         awarded = uow.achievements.count(created_after=started_at)
         for agent_id in agent_ids:
             uow.agents.get(agent_id)
-    board = dl.stats.leaderboard(limit=5)
+        board = uow.achievements.leaderboard(limit=5, agent_ids=agent_ids)
     return DemoReport(
         run_id=run_id,
         agents=agents,
@@ -166,7 +167,7 @@ def run_demo(
         retries=dl.metrics.retries - retries_before,
         seconds=time.perf_counter() - started,
         achievements=awarded,
-        leaderboard=[(entry.name, entry.points) for entry in board],
+        leaderboard=[(name, points) for _, name, points in board],
         cache=_cache_delta(cache_before, dl.cache.stats()),
     )
 

@@ -11,6 +11,12 @@ from functools import cached_property
 from sqlalchemy.orm import Session as OrmSession
 
 from orchestrator_data.actor import Actor
+from orchestrator_data.capture.session_info import (
+    INFO_ACTOR,
+    INFO_CORRELATION_ID,
+    INFO_ISOLATION,
+    INFO_READ_ONLY,
+)
 from orchestrator_data.repositories import (
     AchievementRepository,
     AgentRepository,
@@ -18,12 +24,6 @@ from orchestrator_data.repositories import (
     SessionRepository,
     TaskRepository,
 )
-
-#: Keys of ``Session.info`` that the hooks (audit, cache) read.
-INFO_ACTOR = "orchestrator_data.actor"
-INFO_READ_ONLY = "orchestrator_data.read_only"
-INFO_ISOLATION = "orchestrator_data.isolation"
-INFO_CORRELATION_ID = "orchestrator_data.correlation_id"
 
 
 class UnitOfWork:

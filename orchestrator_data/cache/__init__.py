@@ -9,6 +9,8 @@ configuration), ``keys``, ``breaker`` (Redis circuit breaker), ``broadcast``
 ``scripts`` (Lua), ``l2`` (epoch-checked reads, fenced fills), ``filler``
 (batched, unacknowledged L2 writes), ``stats``, and ``layer`` (the
 :class:`Cache` tying them together, and the read-through paths).
+
+May import: ``capture``, ``config``, ``errors``, ``models``.
 """
 
 from orchestrator_data.cache.layer import Cache

@@ -51,7 +51,9 @@ class CircuitBreaker:
     ) -> None:
         self._probe = probe
         self._on_recover = on_recover
-        self._on_state_change = on_state_change
+        self._listeners: list[Callable[[str], object]] = []
+        if on_state_change is not None:
+            self._listeners.append(on_state_change)
         self.probe_interval = probe_interval
         self.slow_call = slow_call
         self._state = CLOSED
@@ -61,6 +63,7 @@ class CircuitBreaker:
         self._inflight: dict[int, float] = {}
         self._tokens = itertools.count()
         self.opened = 0  # times opened, for metrics
+        self.skipped = 0  # calls not made since the breaker last opened
         self._stopped = threading.Event()
 
     @property
@@ -70,6 +73,11 @@ class CircuitBreaker:
     @property
     def closed(self) -> bool:
         return self._state == CLOSED
+
+    def add_listener(self, fn: Callable[[str], object]) -> None:
+        """Call ``fn(state)`` after each change of state (``"open"``,
+        ``"closed"``), on the thread that changed it."""
+        self._listeners.append(fn)
 
     def allow(self) -> bool:
         """Whether a call to Redis may be made now."""
@@ -97,6 +105,7 @@ class CircuitBreaker:
         """``fn()``; :class:`Unavailable` when the breaker is open or ``fn``
         fails because of Redis (which opens the breaker)."""
         if not self.allow():
+            self.skipped += 1  # not atomic: a count for the log line, not an invariant
             raise Unavailable("redis circuit open")
         token = next(self._tokens)
         self._inflight[token] = time.monotonic()
@@ -123,6 +132,7 @@ class CircuitBreaker:
             self._state = OPEN
             self._next_probe = time.monotonic() + self.probe_interval
             self.opened += 1
+            self.skipped = 0
             start_probe = self._probe is not None and not self._probing
             self._probing = self._probing or start_probe
         if start_probe:
@@ -130,8 +140,7 @@ class CircuitBreaker:
                 target=self._probe_loop, name="cache-breaker-probe", daemon=True
             ).start()
         log.warning("redis cache unavailable (%s): reading from PostgreSQL only", reason)
-        if self._on_state_change is not None:
-            self._on_state_change(OPEN)
+        self._notify(OPEN)
 
     def _close(self) -> None:
         with self._lock:
@@ -139,9 +148,14 @@ class CircuitBreaker:
                 return
             self._state = CLOSED
             self._inflight.clear()
-        log.warning("redis cache available again")
-        if self._on_state_change is not None:
-            self._on_state_change(CLOSED)
+        log.warning(
+            "redis cache available again (%d cache calls skipped while it was away)", self.skipped
+        )
+        self._notify(CLOSED)
+
+    def _notify(self, state: str) -> None:
+        for listener in self._listeners:
+            listener(state)
 
     def _probe_loop(self) -> None:
         try:

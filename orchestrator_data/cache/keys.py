@@ -6,7 +6,7 @@ Values (the design's key table)::
     cache:query:{entity}:{generation}:{hash}  list / search / count results
 
 (``cache:stats:{entity}:{id}``, points totals and the leaderboard, belong to
-``orchestrator_data.stats``, which keeps its own invalidation.)
+``orchestrator_data.achievements.stats``, which keeps its own invalidation.)
 
 Bookkeeping, one key per entity, never scanned::
 

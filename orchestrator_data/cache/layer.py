@@ -45,7 +45,8 @@ from orchestrator_data.cache.query_codecs import QueryCodec, RowsCodec
 from orchestrator_data.cache.regions import CacheRegions
 from orchestrator_data.cache.serialization import Row, RowCodec
 from orchestrator_data.cache.stats import CacheStats
-from orchestrator_data.changes import has_written
+from orchestrator_data.capture.change_capture import has_written
+from orchestrator_data.capture.session_info import INFO_READ_ONLY
 from orchestrator_data.config import Settings
 from orchestrator_data.models import Achievement, Agent, Base, Session, Task
 
@@ -54,7 +55,6 @@ log = logging.getLogger("orchestrator_data.cache")
 #: ``Session.info`` keys.
 INFO_CACHE = "orchestrator_data.cache"
 INFO_FENCE = "orchestrator_data.cache.fence"
-INFO_READ_ONLY = "orchestrator_data.read_only"  # set by the unit of work
 
 ROW_MODELS: dict[str, type[Base]] = {"agent": Agent, "task": Task, "session": Session}
 

@@ -1,5 +1,8 @@
 """Declarative models of the five tables; importing this registers every
-table and index on ``Base.metadata``."""
+table and index on ``Base.metadata``.
+
+May import: nothing.
+"""
 
 from orchestrator_data.models.achievement import (
     ONE_TIME_ACHIEVEMENTS,
@@ -13,6 +16,12 @@ from orchestrator_data.models.indexes import AGENT_SEARCH_DOCUMENT, TASK_SEARCH_
 from orchestrator_data.models.session import Session
 from orchestrator_data.models.task import PRIORITY_MAX, PRIORITY_MIN, TASK_STATUSES, Task
 
+#: What an audit row's ``resource_type`` can be: every entity (``audit_log``
+#: for the rows that retention writes about itself).
+RESOURCE_TYPES: tuple[str, ...] = tuple(
+    sorted(model.__entity__ for model in (Achievement, Agent, AuditLog, Session, Task))
+)
+
 __all__ = [
     "AGENT_SEARCH_DOCUMENT",
     "AGENT_STATUSES",
@@ -21,6 +30,7 @@ __all__ = [
     "PER_TASK_ACHIEVEMENTS",
     "PRIORITY_MAX",
     "PRIORITY_MIN",
+    "RESOURCE_TYPES",
     "TASK_SEARCH_DOCUMENT",
     "TASK_STATUSES",
     "Achievement",

@@ -1,4 +1,7 @@
-"""Repositories, one per entity, over a generic typed base."""
+"""Repositories, one per entity, over a generic typed base.
+
+May import: ``cache``, ``errors``, ``models``, ``pagination``, ``schemas``.
+"""
 
 from orchestrator_data.repositories.achievements import AchievementRepository
 from orchestrator_data.repositories.agents import AgentRepository

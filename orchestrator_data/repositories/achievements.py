@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, select
@@ -27,8 +28,11 @@ class AchievementRepository(Repository[Achievement]):
         )
         return int(self.session.scalar(stmt) or 0)
 
-    def leaderboard(self, *, limit: int = 10) -> list[tuple[uuid.UUID, str, int]]:
-        """``(agent_id, agent name, total points)``, most points first."""
+    def leaderboard(
+        self, *, limit: int = 10, agent_ids: Collection[uuid.UUID | str] | None = None
+    ) -> list[tuple[uuid.UUID, str, int]]:
+        """``(agent_id, agent name, total points)``, most points first (ties
+        by name); among ``agent_ids`` only, when given."""
         _checks.integer("limit", limit, 1, 1000)
         total = func.sum(Achievement.points).label("points")
         stmt = (
@@ -38,6 +42,9 @@ class AchievementRepository(Repository[Achievement]):
             .order_by(total.desc(), Agent.name)
             .limit(limit)
         )
+        if agent_ids is not None:
+            ids = [coerce_uuid(i, "agent_ids") for i in agent_ids]
+            stmt = stmt.where(Agent.id.in_(ids))
         return [(row[0], row[1], int(row[2])) for row in self.session.execute(stmt)]
 
     def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 from sqlalchemy import ColumnElement
 
 from orchestrator_data.errors import OrchestratorDataError, ValidationError
-from orchestrator_data.models import AUDIT_ACTIONS, AuditLog
+from orchestrator_data.models import AUDIT_ACTIONS, RESOURCE_TYPES, AuditLog
 from orchestrator_data.pagination import Page
 from orchestrator_data.repositories import _checks
 from orchestrator_data.repositories.base import Repository
@@ -54,7 +54,9 @@ class AuditLogRepository(Repository[AuditLog]):
         raise OrchestratorDataError("audit_logs is append-only")
 
     def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
-        if name in ("resource_type", "resource_id", "actor_type", "actor_id"):
+        if name == "resource_type":
+            return AuditLog.resource_type == _checks.one_of(name, value, RESOURCE_TYPES)
+        if name in ("resource_id", "actor_type", "actor_id"):
             column = getattr(AuditLog, name)
             clause: ColumnElement[bool] = column == _checks.text(name, str(value))
             return clause

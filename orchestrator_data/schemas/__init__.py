@@ -1,4 +1,7 @@
-"""marshmallow schemas: validation at the repository boundary, and serialization."""
+"""marshmallow schemas: validation at the repository boundary, and serialization.
+
+May import: ``errors``, ``models``.
+"""
 
 from orchestrator_data.schemas.achievement import AchievementSchema
 from orchestrator_data.schemas.agent import AgentSchema

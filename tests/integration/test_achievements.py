@@ -12,7 +12,7 @@ import pytest
 
 from fixtures.concurrency import run_threads
 from orchestrator_data import Actor, ConflictError, DataLayer, UnitOfWork
-from orchestrator_data.awards import Awards, agent_record, award
+from orchestrator_data.achievements.awards import Awards, agent_record, award
 from orchestrator_data.models import Achievement
 
 
@@ -190,7 +190,7 @@ def test_redis_down_does_not_break_reads_or_awards(
 
 
 def test_rules_must_match_the_unique_indexes() -> None:
-    from orchestrator_data.awards import milestone
+    from orchestrator_data.achievements.awards import milestone
 
     with pytest.raises(ValueError, match="needs a migration"):
         Awards([milestone("tasks_1000", 500, 1000)])

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session as OrmSession
 
 from orchestrator_data import DataLayer
-from orchestrator_data.changes import Change, has_written
+from orchestrator_data.capture.change_capture import Change, has_written
 from orchestrator_data.models import Achievement, Agent, Task
 
 

@@ -11,9 +11,9 @@ from decimal import Decimal
 
 import pytest
 
+from orchestrator_data.audit.jsonsafe import json_safe
+from orchestrator_data.audit.retention import parse_duration
 from orchestrator_data.errors import ValidationError
-from orchestrator_data.jsonsafe import json_safe
-from orchestrator_data.retention import parse_duration
 
 
 class Color(enum.Enum):
@@ -82,14 +82,26 @@ def test_parse_duration(text: str, expected: timedelta) -> None:
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "90", "d", "0d", "-1d", "1.5h", "90 days", "90D"])
+@pytest.mark.parametrize("text", ["0d", "0s", "00h"])
+def test_parse_duration_says_a_zero_duration_must_be_positive(text: str) -> None:
+    with pytest.raises(ValidationError, match="must be positive") as err:
+        parse_duration(text)
+    assert err.value.fields == ["older_than"]
+
+
+def test_parse_duration_refuses_a_duration_past_the_calendar() -> None:
+    with pytest.raises(ValidationError, match="too long"):
+        parse_duration("99999999999d")
+
+
+@pytest.mark.parametrize("text", ["", "90", "d", "-1d", "1.5h", "90 days", "90D"])
 def test_parse_duration_refuses_bad_input(text: str) -> None:
     with pytest.raises(ValidationError, match="not a duration like 90d"):
         parse_duration(text)
 
 
 def test_audit_encoding_takes_what_json_alone_refuses() -> None:
-    from orchestrator_data.audit import _dumps
+    from orchestrator_data.audit.trail import _dumps
 
     ident = uuid.UUID(int=1)
     assert json.loads(_dumps({"id": ident, "n": float("nan"), ident: Decimal("1.5")})) == {

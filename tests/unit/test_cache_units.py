@@ -144,10 +144,3 @@ def test_breaker_with_probe_recovers_by_itself() -> None:
         time.sleep(0.01)
     assert breaker.state == "closed" and recovered == [1]
     breaker.stop()
-
-
-def test_the_cache_reads_the_unit_of_work_flag_it_sets() -> None:
-    from orchestrator_data import uow
-    from orchestrator_data.cache import layer
-
-    assert layer.INFO_READ_ONLY == uow.INFO_READ_ONLY

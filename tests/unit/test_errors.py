@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from orchestrator_data import ValidationError
-from orchestrator_data.dberrors import is_retryable
+from orchestrator_data.db.driver_errors import is_retryable
 from orchestrator_data.errors import RetryExhaustedError, sqlstate_of
 from orchestrator_data.pagination import decode_cursor, encode_cursor
 

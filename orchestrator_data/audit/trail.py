@@ -19,9 +19,9 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session as OrmSession
 
 from orchestrator_data.actor import SYSTEM, Actor
-from orchestrator_data.changes import Change, ChangeCapture
-from orchestrator_data.jsonsafe import json_safe
-from orchestrator_data.uow import INFO_ACTOR, INFO_CORRELATION_ID
+from orchestrator_data.audit.jsonsafe import json_safe
+from orchestrator_data.capture.change_capture import Change, ChangeCapture
+from orchestrator_data.capture.session_info import INFO_ACTOR, INFO_CORRELATION_ID
 
 # One statement per flush, whatever the number of rows, and the server reads
 # its transaction id inside the INSERT: auditing costs one round trip per
@@ -62,7 +62,7 @@ class AuditRow:
 
 
 class AuditTrail:
-    """Writes one audit row per :class:`~orchestrator_data.changes.Change`
+    """Writes one audit row per :class:`~orchestrator_data.capture.change_capture.Change`
     that ``changes`` captures, in the same transaction: actor and correlation
     id from the unit of work, ``old`` / ``new`` as captured (full row on
     create and delete, changed fields on update), the server's transaction

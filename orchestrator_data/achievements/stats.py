@@ -10,27 +10,28 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-import redis as redis_lib
+from redis import Redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session as OrmSession
 
-from orchestrator_data.changes import Change, ChangeCapture
+from orchestrator_data.cache.breaker import CLOSED, CircuitBreaker, Unavailable
+from orchestrator_data.capture.change_capture import Change, ChangeCapture
 from orchestrator_data.models import Achievement
 from orchestrator_data.repositories.base import coerce_uuid
+from orchestrator_data.uow import UnitOfWork
 
-if TYPE_CHECKING:
-    from orchestrator_data.datalayer import DataLayer
-
-log = logging.getLogger("orchestrator_data.stats")
+log = logging.getLogger("orchestrator_data.achievements.stats")
 
 #: The leaderboard is cached once, this long; shorter ones are slices of it.
 LEADERBOARD_SIZE = 100
-_DIRTY = "orchestrator_data.stats.dirty_agents"
+_DIRTY = "orchestrator_data.achievements.dirty_agents"
 
 # Each cached value has a version key beside it (same hash tag, so the pair
 # stays in one Redis Cluster slot). A reader notes the version before it
@@ -55,22 +56,44 @@ class LeaderboardEntry:
 
 
 class StatsCache:
-    """Cached points totals and leaderboard of ``dl``; install on its change
-    capture so that committed changes to achievements invalidate them."""
+    """Cached points totals and the leaderboard; :meth:`install` it on a
+    change capture so that committed changes to achievements invalidate them.
 
-    def __init__(self, dl: DataLayer) -> None:
-        self._dl = dl
-        self._ttl = dl.settings.ttls.metrics
+    ``redis`` is the cache's client (None: every read goes to PostgreSQL),
+    ``breaker`` the cache's circuit breaker (so Redis going away is reported
+    once, not per call), ``reader`` opens a read-only unit of work, and every
+    key starts with ``key_prefix`` and lives ``ttl`` seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: Redis | None,
+        breaker: CircuitBreaker,
+        reader: Callable[[], AbstractContextManager[UnitOfWork]],
+        key_prefix: str = "",
+        ttl: int = 3600,
+    ) -> None:
+        self._redis = redis
+        self._breaker = breaker
+        self._reader = reader
+        self._prefix = key_prefix
+        self._ttl = ttl
+        # Agents whose totals could not be invalidated while Redis was away:
+        # invalidated as soon as the breaker closes again.
+        self._missed: set[uuid.UUID] = set()
+        self._missed_lock = threading.Lock()
+        breaker.add_listener(self._breaker_changed)
 
     # -- keys ------------------------------------------------------------------
 
     def agent_key(self, agent_id: uuid.UUID) -> str:
         """Key of the cached points total of ``agent_id``."""
-        return self._dl.key(f"cache:stats:agent:{{{agent_id}}}")
+        return f"{self._prefix}cache:stats:agent:{{{agent_id}}}"
 
     def leaderboard_key(self) -> str:
         """Key of the cached leaderboard (top :data:`LEADERBOARD_SIZE`)."""
-        return self._dl.key(f"cache:stats:leaderboard:{{top{LEADERBOARD_SIZE}}}")
+        return f"{self._prefix}cache:stats:leaderboard:{{top{LEADERBOARD_SIZE}}}"
 
     # -- reads -----------------------------------------------------------------
 
@@ -81,7 +104,7 @@ class StatsCache:
         cached, version = self._get(key)
         if cached is not None:
             return int(cached)
-        with self._dl.unit_of_work(read_only=True, isolation="READ COMMITTED") as uow:
+        with self._reader() as uow:
             points = uow.achievements.points_of(ident)
         self._fill(key, version, str(points).encode())
         return points
@@ -101,25 +124,42 @@ class StatsCache:
         return entries[:limit]
 
     def _leaderboard_from_db(self, limit: int) -> list[LeaderboardEntry]:
-        with self._dl.unit_of_work(read_only=True, isolation="READ COMMITTED") as uow:
+        with self._reader() as uow:
             return [LeaderboardEntry(*row) for row in uow.achievements.leaderboard(limit=limit)]
 
     # -- invalidation ----------------------------------------------------------
 
     def invalidate(self, agent_ids: Iterable[uuid.UUID]) -> None:
-        """Drop the cached totals of ``agent_ids`` and the leaderboard."""
-        keys = [self.agent_key(i) for i in agent_ids] + [self.leaderboard_key()]
-        try:
-            pipe = self._dl.redis.pipeline(transaction=False)
+        """Drop the cached totals of ``agent_ids`` and the leaderboard. While
+        Redis is away they are remembered and dropped once it is back."""
+        ids = set(agent_ids)
+        if self._redis is None:
+            return
+        client = self._redis
+        with self._missed_lock:
+            ids |= self._missed
+            self._missed = set()
+        keys = [self.agent_key(i) for i in ids] + [self.leaderboard_key()]
+
+        def send() -> None:
+            pipe = client.pipeline(transaction=False)
             for key in keys:
                 # Version first: a reader between the two commands cannot fill.
                 pipe.incr(key + ":version")
                 pipe.expire(key + ":version", self._ttl * 2)
                 pipe.delete(key)
             pipe.execute()
-        except redis_lib.RedisError as err:
-            # The commit stands; the totals may be stale until their TTL.
-            log.warning("could not invalidate %d stats keys: %s", len(keys), err)
+
+        try:
+            self._breaker.execute(send)
+        except Unavailable:
+            # The commit stands; the breaker has said Redis is away.
+            with self._missed_lock:
+                self._missed |= ids
+
+    def _breaker_changed(self, state: str) -> None:
+        if state == CLOSED and self._missed:
+            self.invalidate(())
 
     def install(self, changes: ChangeCapture) -> None:
         """Invalidate after each commit that changed achievements (or deleted
@@ -163,20 +203,24 @@ class StatsCache:
     # -- Redis, failing soft -----------------------------------------------------
 
     def _get(self, key: str) -> tuple[bytes | None, bytes | None]:
-        """(cached value, version) of ``key``; (None, None) when Redis is down."""
+        """(cached value, version) of ``key``; (None, None) when Redis is away."""
+        client = self._redis
+        if client is None:
+            return None, None
         try:
-            value, version = self._dl.redis.mget([key, key + ":version"])
-        except redis_lib.RedisError as err:
-            log.warning("stats cache unavailable, reading PostgreSQL: %s", err)
+            value, version = self._breaker.execute(lambda: client.mget([key, key + ":version"]))
+        except Unavailable:
             return None, None
         # The client is built without decode_responses: values are bytes.
         return cast("bytes | None", value), cast("bytes | None", version)
 
     def _fill(self, key: str, version: bytes | None, value: bytes) -> None:
         """Cache ``value`` unless ``key`` was invalidated since ``version`` was read."""
+        client = self._redis
+        if client is None:
+            return
+        args = (key, key + ":version", version or b"", value, str(self._ttl))
         try:
-            self._dl.redis.eval(
-                _FILL, 2, key, key + ":version", version or b"", value, str(self._ttl)
-            )
-        except redis_lib.RedisError as err:
-            log.warning("stats cache unavailable, not caching: %s", err)
+            self._breaker.execute(lambda: client.eval(_FILL, 2, *args))
+        except Unavailable:
+            return

@@ -2,7 +2,7 @@
 ``update(Model)``, ``delete(Model)``, ``insert(Model), [rows]``, the rows the
 database cascades to, and the refusal of plain SQL writing a tracked table.
 
-A mixin of :class:`~orchestrator_data.changes.ChangeCapture`, which owns the
+A mixin of :class:`~orchestrator_data.capture.change_capture.ChangeCapture`, which owns the
 subscriptions and the per-transaction bookkeeping.
 """
 
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import TextClause
 
-from orchestrator_data.change import IGNORED_ON_UPDATE, Change, snapshot, snapshot_row
+from orchestrator_data.capture.change import IGNORED_ON_UPDATE, Change, snapshot, snapshot_row
 from orchestrator_data.errors import UncapturedWriteError
 from orchestrator_data.models.base import Base
 

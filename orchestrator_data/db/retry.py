@@ -8,7 +8,7 @@ from typing import TypeVar
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from orchestrator_data.dberrors import is_retryable
+from orchestrator_data.db.driver_errors import is_retryable
 from orchestrator_data.errors import RetryExhaustedError, sqlstate_of
 from orchestrator_data.metrics import Metrics
 

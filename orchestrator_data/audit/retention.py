@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import text
 
-from orchestrator_data.audit import actor_of, audit_row, correlation_id_of, write_rows
+from orchestrator_data.audit.trail import actor_of, audit_row, correlation_id_of, write_rows
 from orchestrator_data.errors import ValidationError
 from orchestrator_data.uow import UnitOfWork
 
@@ -34,11 +34,18 @@ def parse_duration(value: str) -> timedelta:
     """``"90d"``, ``"12h"``, ``"30m"``, ``"45s"`` or ``"2w"`` as a positive timedelta;
     anything else is a :class:`ValidationError` saying what is expected."""
     match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None or int(match[1]) <= 0:
+    if match is None:
         raise ValidationError(
             {"older_than": [f"{value!r} is not a duration like 90d, 12h, 30m, 45s or 2w."]}
         )
-    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+    if int(match[1]) <= 0:
+        raise ValidationError({"older_than": [f"{value!r} must be positive, e.g. 90d."]})
+    try:
+        return timedelta(**{_UNITS[match[2]]: int(match[1])})
+    except OverflowError:
+        raise ValidationError(
+            {"older_than": [f"{value!r} is too long: at most {timedelta.max.days} days."]}
+        ) from None
 
 
 @dataclass(frozen=True)

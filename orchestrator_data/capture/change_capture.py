@@ -35,17 +35,17 @@ from sqlalchemy.orm import SessionTransaction, UOWTransaction, sessionmaker
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.sql import ClauseElement
 
-from orchestrator_data.change import IGNORED_ON_UPDATE, Action, Change, snapshot
+from orchestrator_data.capture.change import IGNORED_ON_UPDATE, Action, Change, snapshot
+from orchestrator_data.capture.statements import StatementCapture
 from orchestrator_data.models.base import Base
-from orchestrator_data.statement_capture import StatementCapture
 
 __all__ = ["IGNORED_ON_UPDATE", "Action", "Change", "ChangeCapture", "has_written"]
 
-_STACK = "orchestrator_data.changes.stack"
-_ROLLED_BACK = "orchestrator_data.changes.rolled_back"
-_WRITTEN = "orchestrator_data.changes.written"
-_OLD = "orchestrator_data.changes.old"
-_CASCADED = "orchestrator_data.changes.cascaded"
+_STACK = "orchestrator_data.capture.stack"
+_ROLLED_BACK = "orchestrator_data.capture.rolled_back"
+_WRITTEN = "orchestrator_data.capture.written"
+_OLD = "orchestrator_data.capture.old"
+_CASCADED = "orchestrator_data.capture.cascaded"
 
 
 FlushListener = Callable[[OrmSession, Sequence[Change]], None]
