@@ -82,8 +82,13 @@ def demo(
     click.echo(f"  failed attempts (retried or final): {report.attempts_failed}")
     click.echo(f"  transactions: {report.transactions} ({report.ops_per_second:.0f}/s)")
     click.echo(f"  serialization retries: {report.retries}")
+    if report.gave_up:
+        click.echo(f"  transactions that exhausted their retries, run again: {report.gave_up}")
     click.echo(f"  achievements awarded: {report.achievements}")
-    click.echo(f"leaderboard of this run's agents (top {len(report.leaderboard)}):")
+    if not report.leaderboard:
+        click.echo("leaderboard of this run's agents: no points yet")
+    else:
+        click.echo(f"leaderboard of this run's agents (top {len(report.leaderboard)}):")
     for rank, (name, points) in enumerate(report.leaderboard, start=1):
         click.echo(f"  {rank:>2}. {name:<32} {points:>6} pts")
     c = report.cache
@@ -167,12 +172,13 @@ def migrate_create(ctx: click.Context, name: str, empty: bool) -> None:
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
     # A callback, not a ParamType: ParamType is generic only in recent click.
-    from orchestrator_data.audit.retention import parse_duration
+    from orchestrator_data.durations import parse_duration
 
+    field = (param.name or "duration").replace("-", "_")
     try:
-        return parse_duration(value)
+        return parse_duration(value, field)
     except ValidationError as err:
-        raise click.BadParameter(" ".join(err.messages["older_than"]).rstrip(".")) from None
+        raise click.BadParameter(" ".join(err.messages[field]).rstrip(".")) from None
 
 
 @cli.group()

@@ -102,14 +102,14 @@ class DataLayer:
                     info={INFO_CACHE: self.cache},
                 )
         # Every write through these sessions becomes a Change: the audit trail
-        # and the cache subscribe to it (see changes.py).
+        # and the cache subscribe to it (see capture/change_capture.py).
         self.changes = ChangeCapture([Agent, Task, SessionModel, Achievement])
         for factory in self._factories.values():
             self.changes.install(factory)
             event.listen(factory, "after_transaction_create", self.cache.after_transaction_create)
             event.listen(factory, "after_transaction_end", self.cache.after_transaction_end)
         # Invalidation happens after the outermost COMMIT only; a rollback
-        # (savepoint included) leaves nothing queued (see changes.py).
+        # (savepoint included) leaves nothing queued (see capture/change_capture.py).
         self.changes.on_commit(self.cache.on_commit)
         self.audit_trail = AuditTrail(self.changes) if self.settings.audit_enabled else None
         self.stats = StatsCache(

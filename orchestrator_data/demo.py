@@ -15,18 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
+from typing import TypeVar
 
 from sqlalchemy import func, select
 
 from orchestrator_data.achievements.awards import Awards
 from orchestrator_data.actor import Actor
 from orchestrator_data.datalayer import DataLayer
+from orchestrator_data.errors import RetryExhaustedError
 from orchestrator_data.models import Task
 from orchestrator_data.uow import UnitOfWork
 
 CAPABILITIES = ("plan", "search", "code", "review", "summarize", "translate")
 TASK_TYPES = ("summarize", "classify", "translate", "extract", "review")
 ROLES = ("planner", "researcher", "coder", "reviewer")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,6 +42,8 @@ class DemoReport:
     attempts_failed: int
     transactions: int
     retries: int
+    #: Transactions that exhausted their retries (and were run again).
+    gave_up: int
     seconds: float
     achievements: int = 0
     #: ``(name, points)`` of this run's best agents, most points first.
@@ -100,7 +106,18 @@ def run_demo(
 
     finished: queue.Queue[int] = queue.Queue()
     failed_attempts = [0]
+    gave_up = [0]
     lock = threading.Lock()
+
+    def persist(fn: Callable[[UnitOfWork], T], actor: Actor) -> T:
+        # A transaction that exhausted its retries committed nothing: the
+        # agent counts it and runs it again, as a real worker would.
+        while True:
+            try:
+                return dl.run_in_transaction(fn, actor=actor)
+            except RetryExhaustedError:
+                with lock:
+                    gave_up[0] += 1
 
     def worker(index: int) -> None:
         local = random.Random(None if seed is None else seed + index)
@@ -112,13 +129,11 @@ def run_demo(
             with dl.unit_of_work(read_only=True) as lookup:
                 if lookup.agents.get(agent_id) is None:
                     return
-            claimed = dl.run_in_transaction(partial(_claim, agent_id=agent_id), actor=actor)
+            claimed = persist(partial(_claim, agent_id=agent_id), actor)
             if claimed is None:
                 return
             fail = local.random() < failure_rate
-            final = dl.run_in_transaction(
-                partial(_finish, task_id=claimed, fail=fail, awards=dl.awards), actor=actor
-            )
+            final = persist(partial(_finish, task_id=claimed, fail=fail, awards=dl.awards), actor)
             if fail:
                 with lock:
                     failed_attempts[0] += 1
@@ -163,6 +178,7 @@ def run_demo(
         tasks=tasks,
         by_status=by_status,
         attempts_failed=failed_attempts[0],
+        gave_up=gave_up[0],
         transactions=_transactions(dl) - transactions_before,
         retries=dl.metrics.retries - retries_before,
         seconds=time.perf_counter() - started,

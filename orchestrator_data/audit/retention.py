@@ -7,7 +7,6 @@ transaction that ran ``SET LOCAL orchestrator_data.audit_prune = 'on'``;
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -17,9 +16,6 @@ from orchestrator_data.audit.trail import actor_of, audit_row, correlation_id_of
 from orchestrator_data.errors import ValidationError
 from orchestrator_data.uow import UnitOfWork
 
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-
 # SET LOCAL lasts until the end of the transaction, so the switch can never
 # stay on for the next user of a pooled connection.
 _SWITCH_ON = text("SET LOCAL orchestrator_data.audit_prune = 'on'")
@@ -28,24 +24,6 @@ _DELETE_OLDER = text(
     "WITH gone AS (DELETE FROM audit_logs WHERE timestamp < now() - :age RETURNING timestamp) "
     "SELECT count(*), min(timestamp), max(timestamp), now() - :age FROM gone"
 )
-
-
-def parse_duration(value: str) -> timedelta:
-    """``"90d"``, ``"12h"``, ``"30m"``, ``"45s"`` or ``"2w"`` as a positive timedelta;
-    anything else is a :class:`ValidationError` saying what is expected."""
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ValidationError(
-            {"older_than": [f"{value!r} is not a duration like 90d, 12h, 30m, 45s or 2w."]}
-        )
-    if int(match[1]) <= 0:
-        raise ValidationError({"older_than": [f"{value!r} must be positive, e.g. 90d."]})
-    try:
-        return timedelta(**{_UNITS[match[2]]: int(match[1])})
-    except OverflowError:
-        raise ValidationError(
-            {"older_than": [f"{value!r} is too long: at most {timedelta.max.days} days."]}
-        ) from None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ transaction, right after the change reaches the database) and the cache
 Plain SQL text (``session.execute(text(...))``) that writes a tracked table
 cannot be captured and is refused (``UncapturedWriteError``); Core statements
 run directly on ``session.connection()`` bypass the session entirely. The
-statement side lives in ``statement_capture.py``.
+statement side lives in ``statements.py``.
 
 Changes are kept per transaction: those made inside a savepoint that rolls
 back are discarded, the committed transaction's changes are handed to

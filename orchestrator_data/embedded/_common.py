@@ -19,6 +19,9 @@ NO_EXTRA = "install the 'embedded' extra (pip install 'orchestrator-data[embedde
 
 
 logger = logging.getLogger("orchestrator_data.embedded")
+#: One line when a server starts, one when it is ready (or one when it is reused): the CLI shows
+#: these on stderr at every verbosity; a library caller sees them only if it shows INFO.
+status = logging.getLogger("orchestrator_data.embedded.status")
 
 
 class PostgresHandle(Protocol):

@@ -1,16 +1,27 @@
-"""The embedded PostgreSQL: pgserver, or initdb/pg_ctl binaries found on the machine."""
+"""The embedded PostgreSQL: pgserver, or initdb/pg_ctl binaries found on the machine.
+
+:func:`choose_postgres` settles which server will run, and so its major version, before any
+data directory is chosen; :func:`cluster_dir` gives each major its own cluster in the folder.
+"""
 
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
+import logging
 import os
+import re
 import shlex
 import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -24,9 +35,144 @@ from orchestrator_data.embedded._common import (
     logger,
     pid_alive,
     prune_pid_list,
+    status,
     tail,
 )
 from orchestrator_data.errors import EmbeddedServerError
+
+#: The cluster folder of the releases before one cluster per major; still used when it holds the
+#: major of the server that runs.
+LEGACY_CLUSTER = "pg"
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """The PostgreSQL that will run: how (``pgserver`` or ``binaries``), from where, which major."""
+
+    kind: str
+    bindir: Path
+    major: int
+    _pgserver: Any = field(default=None, repr=False, compare=False)
+
+    def open(self, pgdata: Path) -> PostgresHandle:
+        """Start (or join) this server on the cluster ``pgdata``, creating the cluster if new."""
+        _clear_dead_postmaster(pgdata)
+        if self._pgserver is not None:
+            return _PgserverPostgres(self._pgserver, pgdata, self.major)
+        return _BinariesPostgres(pgdata, self.bindir, self.major)
+
+
+def choose_postgres() -> PostgresServer:
+    """The server :envvar:`ORCHESTRATOR_EMBEDDED_PG` asks for: ``pgserver`` when it imports
+    (``auto``, the default) or is forced, else the machine's binaries; nothing starts yet."""
+    mode = os.environ.get(PG_MODE_ENV, "").strip().lower() or "auto"
+    if mode not in {"auto", "pgserver", "binaries"}:
+        raise EmbeddedServerError(f"{PG_MODE_ENV} must be auto, pgserver or binaries, not {mode!r}")
+    if mode != "binaries":
+        try:
+            with warnings.catch_warnings():
+                # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback is fine
+                warnings.simplefilter("ignore")
+                import pgserver
+        except ImportError:
+            if mode == "pgserver":
+                raise EmbeddedServerError(
+                    f"pgserver is not installed: {NO_EXTRA}, Python <= 3.12), or set DATABASE_URL"
+                ) from None
+        else:
+            bindir = Path(pgserver.postgres_server.POSTGRES_BIN_PATH)
+            return PostgresServer("pgserver", bindir, server_major(bindir), pgserver)
+    bindir = _find_pg_bindir()
+    return PostgresServer("binaries", bindir, server_major(bindir))
+
+
+_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)")
+
+
+@functools.lru_cache(maxsize=None)
+def server_major(bindir: Path) -> int:
+    """The major version of ``bindir/postgres``, from its ``--version`` (16 for 16.2)."""
+    postgres = bindir / "postgres"
+    try:
+        result = subprocess.run(  # noqa: S603 - our own argument list, no shell
+            [str(postgres), "--version"], stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EmbeddedServerError(f"cannot run {postgres} --version: {exc}") from exc
+    match = _VERSION.search(result.stdout)
+    if result.returncode != 0 or match is None:
+        said = (result.stdout or result.stderr).strip()
+        raise EmbeddedServerError(f"{postgres} --version gave no version: {said!r}")
+    return int(match.group(1))
+
+
+def cluster_dir(root: Path, major: int) -> Path:
+    """The cluster of PostgreSQL ``major`` under the data folder ``root``: ``pg<major>/``, or the
+    legacy ``pg/`` when it holds that major and ``pg<major>/`` holds no cluster yet."""
+    current, legacy = root / f"pg{major}", root / LEGACY_CLUSTER
+    if (current / "PG_VERSION").exists():
+        return current
+    legacy_major = _cluster_major(legacy)
+    if legacy_major == major:
+        return legacy
+    if legacy_major is not None:
+        logger.info(
+            "%s holds a PostgreSQL %d cluster; PostgreSQL %d gets its own in %s",
+            legacy, legacy_major, major, current,
+        )  # fmt: skip
+    return current
+
+
+def _cluster_major(pgdata: Path) -> int | None:
+    try:
+        version = (pgdata / "PG_VERSION").read_text().strip()  # "16", or "9.6" before 10
+    except OSError:
+        return None
+    head = version.split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def _starting(pgdata: Path, major: int) -> float:
+    new = "" if (pgdata / "PG_VERSION").exists() else " (new cluster)"
+    status.info("starting embedded PostgreSQL %d in %s%s ...", major, pgdata, new)
+    return time.monotonic()
+
+
+def _ready(major: int, since: float) -> None:
+    status.info("embedded PostgreSQL %d ready (%.1f s)", major, time.monotonic() - since)
+
+
+def _reusing(pgdata: Path, major: int) -> None:
+    status.info("reusing embedded PostgreSQL %d in %s", major, pgdata)
+
+
+_pgserver_debug = logging.getLogger("orchestrator_data.embedded.pgserver")
+
+
+class _PgserverAtDebug(logging.Filter):
+    """pgserver logs each command line and its whole output at INFO (logger ``pgserver``): drop
+    those records and pass them on at DEBUG as ``orchestrator_data.embedded.pgserver``; its
+    warnings and errors go through unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        if _pgserver_debug.isEnabledFor(logging.DEBUG):
+            fields = {"name": _pgserver_debug.name, "levelno": logging.DEBUG, "levelname": "DEBUG"}
+            _pgserver_debug.handle(logging.makeLogRecord({**record.__dict__, **fields}))
+        return False
+
+
+@contextmanager
+def _pgserver_at_debug() -> Iterator[None]:
+    # Only around our own calls into pgserver: other users of pgserver in the process keep theirs.
+    pgserver_logger, quiet = logging.getLogger("pgserver"), _PgserverAtDebug()
+    pgserver_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        pgserver_logger.removeFilter(quiet)
 
 
 class _Postmaster(NamedTuple):
@@ -70,43 +216,30 @@ def _clear_dead_postmaster(pgdata: Path) -> None:
         (pgdata / "postmaster.pid").unlink(missing_ok=True)
 
 
-def open_postgres(pgdata: Path) -> PostgresHandle:
-    mode = os.environ.get(PG_MODE_ENV, "").strip().lower() or "auto"
-    if mode not in {"auto", "pgserver", "binaries"}:
-        raise EmbeddedServerError(f"{PG_MODE_ENV} must be auto, pgserver or binaries, not {mode!r}")
-    _clear_dead_postmaster(pgdata)
-    if mode != "binaries":
-        try:
-            with warnings.catch_warnings():
-                # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback is fine
-                warnings.simplefilter("ignore")
-                import pgserver
-        except ImportError:
-            if mode == "pgserver":
-                raise EmbeddedServerError(
-                    f"pgserver is not installed: {NO_EXTRA}, Python <= 3.12), or set DATABASE_URL"
-                ) from None
-        else:
-            return _PgserverPostgres(pgserver, pgdata)
-    return _BinariesPostgres(pgdata)
-
-
 class _PgserverPostgres:
     """PostgreSQL run by ``pgserver``, which refcounts its own handles in the pgdata."""
 
-    def __init__(self, pgserver: Any, pgdata: Path) -> None:
+    def __init__(self, pgserver: Any, pgdata: Path, major: int) -> None:
         self._cls = pgserver.postgres_server.PostgresServer
         self._pgdata = pgdata
         self._prune_handles()
+        since: float | None = None
+        if postmaster_url(pgdata) is not None:
+            _reusing(pgdata, major)
+        else:
+            since = _starting(pgdata, major)
         try:
-            self._server = pgserver.get_server(pgdata, cleanup_mode="stop")
+            with _pgserver_at_debug():
+                self._server = pgserver.get_server(pgdata, cleanup_mode="stop")
         except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
             raise EmbeddedServerError(
-                f"pgserver could not start PostgreSQL in {pgdata} ({type(exc).__name__}); "
+                f"pgserver could not start PostgreSQL {major} in {pgdata} ({type(exc).__name__}); "
                 f"last lines of {pgdata / 'log'}: {tail(pgdata / 'log')}"
             ) from exc
         # Our handle owns the lifecycle: release() runs pgserver's cleanup, not its atexit hook.
         atexit.unregister(self._server._cleanup)
+        if since is not None:
+            _ready(major, since)
 
     def _prune_handles(self) -> None:
         # pgserver never forgets a pid, so a killed process would keep its server up forever.
@@ -115,7 +248,10 @@ class _PgserverPostgres:
 
     def release(self, *, last: bool) -> None:
         self._prune_handles()
-        self._server.cleanup()  # with cleanup_mode="stop": pg_ctl stop when no pid is left
+        if last:
+            logger.info("stopping embedded PostgreSQL in %s", self._pgdata)
+        with _pgserver_at_debug():
+            self._server.cleanup()  # with cleanup_mode="stop": pg_ctl stop when no pid is left
         # get_server() hands back a cached instance without re-registering our pid; drop it.
         self._cls._instances.pop(self._pgdata, None)
 
@@ -123,24 +259,26 @@ class _PgserverPostgres:
 class _BinariesPostgres:
     """A private cluster run with the ``initdb`` and ``pg_ctl`` installed on the machine."""
 
-    def __init__(self, pgdata: Path) -> None:
+    def __init__(self, pgdata: Path, bindir: Path, major: int) -> None:
         self._pgdata = pgdata
-        self._bindir = _find_pg_bindir()
+        self._bindir = bindir
         self._user = _pg_system_user(pgdata) if os.geteuid() == 0 else None
         if self._user is not None:
             _make_owned_by(pgdata, self._user)
+        if postmaster_url(pgdata) is not None:
+            _reusing(pgdata, major)
+            return
+        since = _starting(pgdata, major)
         if not (pgdata / "PG_VERSION").exists():
-            logger.info("initialising embedded PostgreSQL in %s", pgdata)
+            logger.info("initialising embedded PostgreSQL in %s with %s", pgdata, bindir)
             self._run(
                 "initdb", "--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-locale"
             )
-        if postmaster_url(pgdata) is not None:
-            logger.info("reusing embedded PostgreSQL in %s", pgdata)
-            return
         socket_dir = shlex.quote(str(self._socket_dir()))
-        logger.info("starting embedded PostgreSQL in %s with %s", pgdata, self._bindir)
+        logger.info("pg_ctl start of %s with %s", pgdata, bindir)
         options = f"-c listen_addresses='' -k {socket_dir}"  # unix socket only, no TCP
         self._run("pg_ctl", "-w", "-t", WAIT, "-l", str(pgdata / "log"), "-o", options, "start")
+        _ready(major, since)
 
     def release(self, *, last: bool) -> None:
         if last and _read_postmaster(self._pgdata) is not None:

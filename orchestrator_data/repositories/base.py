@@ -1,7 +1,7 @@
 """The generic typed repository: validated CRUD, filters, keyset pagination.
 
 A repository never commits: the unit of work owns the transaction. Driver
-errors are translated at the engine boundary (see ``dberrors``), so a
+errors are translated at the engine boundary (see ``db.driver_errors``), so a
 duplicate name surfaces here as ``ConflictError``.
 """
 

@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from orchestrator_data.audit.jsonsafe import json_safe
-from orchestrator_data.audit.retention import parse_duration
+from orchestrator_data.durations import parse_duration
 from orchestrator_data.errors import ValidationError
 
 
