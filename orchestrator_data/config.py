@@ -59,9 +59,13 @@ class Settings:
     sslrootcert: str | None = None
     # Transactions.
     default_isolation: str = "SERIALIZABLE"
-    max_retries: int = 10
-    retry_backoff_base: float = 0.01
-    retry_backoff_max: float = 0.5
+    # Whole-transaction retry (run_in_transaction): a budget of elapsed time
+    # first, a count as a backstop, decorrelated jitter between tries; see
+    # orchestrator_data/db/retry.py for why.
+    max_retries: int = 100
+    retry_budget: float = 30.0
+    retry_backoff_base: float = 0.005
+    retry_backoff_max: float = 1.0
     # Redis (design: retries 3, connect 10 s, command 5 s).
     redis_max_retries: int = 3
     redis_connect_timeout: float = 10.0
@@ -80,6 +84,11 @@ class Settings:
     cache_probe_interval: float = 1.0
     cache_probe_timeout: float = 0.25
     cache_slow_call: float = 0.5
+    # The cache's own client (reads, fills, invalidations, stats): this
+    # connect and command timeout, and no client retries, since the breaker
+    # decides what "down" means. The coordination client keeps the
+    # redis_* timeouts and retries above.
+    cache_command_timeout: float = 0.25
     # L2 fills sent but not yet acknowledged by Redis; beyond this they are dropped.
     cache_fill_queue: int = 10_000
     # Embedded servers (CLI / tests only).
@@ -104,6 +113,10 @@ class Settings:
             "cache_probe_interval",
             "cache_probe_timeout",
             "cache_slow_call",
+            "cache_command_timeout",
+            "retry_budget",
+            "retry_backoff_base",
+            "retry_backoff_max",
         ):
             if getattr(self, name) <= 0:
                 problems[name] = "must be > 0"

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import redis as redis_lib
 from redis import Redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -204,9 +204,10 @@ class DataLayer:
         correlation_id: str | None = None,
     ) -> T:
         """Run ``fn(uow)`` in a fresh unit of work and commit. On a serialization
-        failure or deadlock the *whole* function runs again in a new transaction
-        (at most ``retries`` times, default ``Settings.max_retries``), with
-        jittered exponential backoff; then :class:`RetryExhaustedError`.
+        failure or deadlock the *whole* function runs again in a new transaction,
+        with decorrelated-jitter backoff, until ``Settings.retry_budget`` seconds
+        have passed or ``retries`` retries were made (default
+        ``Settings.max_retries``); then :class:`RetryExhaustedError`.
         ``fn`` must therefore have no side effects outside the transaction."""
 
         def attempt() -> T:
@@ -224,6 +225,7 @@ class DataLayer:
             return run_with_retry(
                 attempt,
                 retries=self.settings.max_retries if retries is None else retries,
+                budget=self.settings.retry_budget,
                 backoff_base=self.settings.retry_backoff_base,
                 backoff_max=self.settings.retry_backoff_max,
                 metrics=self.metrics,
@@ -233,20 +235,30 @@ class DataLayer:
 
     @property
     def redis(self) -> Redis:
-        """The Redis client for caching (``REDIS_URL``); connects on first use."""
+        """The Redis client of the cache (``REDIS_URL``): ``cache_command_timeout``
+        for connect and commands, no client retries (the cache's breaker
+        decides when Redis is down). Connects on first use."""
         if self._redis is None:
-            self._redis = self._make_redis(self.settings.redis_url, "REDIS_URL")
+            s = self.settings
+            self._redis = self._make_redis(
+                s.redis_url, "REDIS_URL", timeout=s.cache_command_timeout, retries=0
+            )
         return self._redis
 
     @property
     def coordination_redis(self) -> Redis:
         """The Redis for locks, sessions and queues (``COORDINATION_REDIS_URL``,
-        defaulting to ``REDIS_URL``)."""
-        if self.settings.coordination_redis_url in (None, self.settings.redis_url):
-            return self.redis
+        defaulting to ``REDIS_URL``): a client of its own, with the
+        ``redis_connect_timeout`` / ``redis_command_timeout`` and
+        ``redis_max_retries`` of the settings. Connects on first use."""
         if self._coordination_redis is None:
+            s = self.settings
             self._coordination_redis = self._make_redis(
-                self.settings.coordination_redis_url, "COORDINATION_REDIS_URL"
+                s.effective_coordination_redis_url,
+                "COORDINATION_REDIS_URL or REDIS_URL",
+                timeout=s.redis_command_timeout,
+                connect_timeout=s.redis_connect_timeout,
+                retries=s.redis_max_retries,
             )
         return self._coordination_redis
 
@@ -254,16 +266,24 @@ class DataLayer:
         """``name`` under this DataLayer's key prefix."""
         return self.settings.key_prefix + name
 
-    def _make_redis(self, url: str | None, env_name: str) -> Redis:
+    def _make_redis(
+        self,
+        url: str | None,
+        env_name: str,
+        *,
+        timeout: float,
+        retries: int,
+        connect_timeout: float | None = None,
+    ) -> Redis:
         if not url:
             raise ConfigurationError(f"{env_name} is not set")
-        s = self.settings
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries) if retries else None
         return redis_lib.Redis.from_url(
             url,
-            socket_connect_timeout=s.redis_connect_timeout,
-            socket_timeout=s.redis_command_timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), s.redis_max_retries),
-            retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError],
+            socket_connect_timeout=connect_timeout or timeout,
+            socket_timeout=timeout,
+            retry=retry or Retry(NoBackoff(), 0),
+            retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError] if retries else [],
             health_check_interval=30,
         )
 

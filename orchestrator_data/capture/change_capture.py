@@ -46,6 +46,7 @@ _ROLLED_BACK = "orchestrator_data.capture.rolled_back"
 _WRITTEN = "orchestrator_data.capture.written"
 _OLD = "orchestrator_data.capture.old"
 _CASCADED = "orchestrator_data.capture.cascaded"
+_COMMITTED = "orchestrator_data.capture.committed"
 
 
 FlushListener = Callable[[OrmSession, Sequence[Change]], None]
@@ -82,7 +83,11 @@ class ChangeCapture(StatementCapture):
 
     def on_commit(self, fn: CommitListener) -> None:
         """Call ``fn(session, changes)`` after the outermost COMMIT with every
-        change the committed transaction made (rolled-back savepoints excluded)."""
+        change the committed transaction made (rolled-back savepoints excluded).
+
+        It runs once the transaction has ended and its connection is back in
+        the pool, so slow post-commit work (Redis) never holds a database
+        connection; ``fn`` must not run SQL on ``session``."""
         self._commit_listeners.append(fn)
 
     def on_rollback(self, fn: RollbackListener) -> None:
@@ -128,10 +133,17 @@ class ChangeCapture(StatementCapture):
             elif stack:
                 stack[-1].extend(inner)
         elif transaction.parent is None:
-            # Ended without commit (rollback, or close() without commit):
-            # whatever was written is gone.
-            self._discard(session)
             session.info.pop(_ROLLED_BACK, None)
+            committed: list[Change] | None = session.info.pop(_COMMITTED, None)
+            if committed is None:
+                # Ended without commit (rollback, or close() without commit):
+                # whatever was written is gone.
+                self._discard(session)
+                return
+            # Committed, and the connection is back in the pool: the
+            # subscribers' Redis work can no longer hold a database slot.
+            for fn in self._commit_listeners:
+                fn(session, committed)
 
     def _discard(self, session: OrmSession) -> None:
         written = session.info.get(_WRITTEN)
@@ -149,8 +161,9 @@ class ChangeCapture(StatementCapture):
         session.info[_STACK] = [[]]
         session.info[_WRITTEN] = False
         if changes:
-            for fn in self._commit_listeners:
-                fn(session, changes)
+            # Handed to the subscribers when the transaction ends, after
+            # SQLAlchemy has returned its connection to the pool.
+            session.info[_COMMITTED] = changes
 
     def _record(self, session: OrmSession, changes: list[Change]) -> None:
         session.info[_WRITTEN] = True
