@@ -41,6 +41,12 @@ def cli(ctx: click.Context, data_dir: str | None, verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # The embedded servers' start-up lines, plain on stderr with or without -v (and not twice).
+    status = logging.getLogger("orchestrator_data.embedded.status")
+    if not status.handlers:
+        status.addHandler(logging.StreamHandler())
+    status.setLevel(logging.INFO)
+    status.propagate = False
     ctx.obj = {"data_dir": data_dir}
 
 

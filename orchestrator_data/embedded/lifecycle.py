@@ -22,9 +22,15 @@ from orchestrator_data.embedded._common import (
     PostgresHandle,
     logger,
     prune_pid_list,
+    status,
     write_atomic,
 )
-from orchestrator_data.embedded.postgres import open_postgres, postmaster_url
+from orchestrator_data.embedded.postgres import (
+    PostgresServer,
+    choose_postgres,
+    cluster_dir,
+    postmaster_url,
+)
 from orchestrator_data.embedded.redis_server import running_redis_port, start_redis, stop_redis
 from orchestrator_data.errors import EmbeddedServerError
 
@@ -36,16 +42,20 @@ class EmbeddedServers:
     """Where the embedded servers listen, and the caller's handle on them.
 
     Returned by :func:`start_embedded`. Call :meth:`stop` once when done; handles still held
-    are released when the interpreter exits.
+    are released when the interpreter exits. ``postgres_dir`` is the cluster of the PostgreSQL
+    major that runs (``postgres_major``), under ``data_dir``.
     """
 
     database_url: str
     redis_url: str
     data_dir: Path
+    postgres_dir: Path
+    postgres_major: int
     _token: int = field(default=0, repr=False, compare=False)
 
     def stop(self) -> None:
-        """Release this handle; the last handle of the last process stops both servers.
+        """Release this handle; the last handle on a cluster stops that PostgreSQL, the last
+        handle on the folder stops Redis.
 
         Stopping is clean (``pg_ctl stop``, Redis ``SHUTDOWN``). Calling it twice is harmless.
         """
@@ -59,72 +69,101 @@ def start_embedded(data_dir: str | Path | None = None) -> EmbeddedServers:
     """Start PostgreSQL and Redis under ``data_dir`` (default :data:`DEFAULT_DATA_DIR`).
 
     Servers already running for that folder, started by this or another process, are reused;
-    data survives between runs. Raises :class:`EmbeddedServerError` when a server cannot start.
+    data survives between runs. Each PostgreSQL major gets its own cluster in the folder
+    (``pg16/``, ``pg15/``...), so interpreters that bring different servers can share it; Redis
+    is one for the folder. Raises :class:`EmbeddedServerError` when a server cannot start.
+
+    Progress goes to the logger ``orchestrator_data.embedded.status`` at INFO (a line when a
+    server starts, one when it is ready, one when it is reused); nothing is printed unless the
+    application shows those records, as the CLI does on stderr.
     """
     root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser().resolve()
+    server = choose_postgres()  # the major decides the cluster; a bad setting fails here
     (root / "redis").mkdir(parents=True, exist_ok=True)
-    (root / "pg").mkdir(exist_ok=True)
     with _locked(root):
-        _update_handles(root, add=os.getpid())
+        pgdata = cluster_dir(root, server.major)
+        pgdata.mkdir(exist_ok=True)
+        held = _held(root)
+        _claim(_folder_handles(root))
         try:
             port = running_redis_port(root / "redis") or start_redis(root / "redis")
-            handle = _acquire_postgres(root)
+            handle = _acquire_postgres(root, server, pgdata)
         except BaseException:
-            if root not in _handles and not _update_handles(root, remove=os.getpid()):
-                stop_redis(root / "redis")
+            if held is None:  # the process had nothing here: undo its claim on the folder
+                mine = _held(root)
+                if mine is not None and not mine.tokens:
+                    del _handles[root]
+                if not _unclaim(_folder_handles(root)):
+                    stop_redis(root / "redis")
             raise
         token = next(_tokens)
-        handle.tokens.add(token)
-        database_url = postmaster_url(root / "pg")
+        handle.tokens[token] = pgdata
+        database_url = postmaster_url(pgdata)
     if database_url is None:  # pragma: no cover - the backends only return once it is ready
-        raise EmbeddedServerError(f"embedded PostgreSQL in {root / 'pg'} is not ready")
-    return EmbeddedServers(database_url, f"redis://127.0.0.1:{port}/0", root, token)
+        raise EmbeddedServerError(f"embedded PostgreSQL in {pgdata} is not ready")
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    return EmbeddedServers(database_url, redis_url, root, pgdata, server.major, token)
 
 
-# --- handles: per process in memory, across processes in .handles.json ----------------------
+# --- handles: per process in memory, across processes in .handles*.json ---------------------
 
 
 @dataclass
 class _ProcessHandle:
-    postgres: PostgresHandle
     pid: int  # a forked child inherits this dict but owns none of it
-    tokens: set[int] = field(default_factory=set)
+    clusters: dict[Path, PostgresHandle] = field(default_factory=dict)  # by cluster folder
+    tokens: dict[int, Path] = field(default_factory=dict)  # token -> its cluster folder
 
 
 _handles: dict[Path, _ProcessHandle] = {}
 _tokens = count(1)
 
 
-def _acquire_postgres(root: Path) -> _ProcessHandle:
+def _held(root: Path) -> _ProcessHandle | None:
+    """This process's handle on the folder ``root``, if it holds one."""
     handle = _handles.get(root)
-    if handle is not None and handle.pid == os.getpid():
-        if postmaster_url(root / "pg") is None:
-            logger.warning("embedded PostgreSQL in %s went away; starting it again", root)
-            handle.postgres.release(last=False)
-            handle.postgres = open_postgres(root / "pg")
-        return handle
-    handle = _ProcessHandle(open_postgres(root / "pg"), os.getpid())
-    _handles[root] = handle
-    # One exit hook serves every folder; unregistering first keeps it to one.
-    atexit.unregister(_release_all)
-    atexit.register(_release_all)
+    return handle if handle is not None and handle.pid == os.getpid() else None
+
+
+def _acquire_postgres(root: Path, server: PostgresServer, pgdata: Path) -> _ProcessHandle:
+    handle = _held(root)
+    if handle is None:
+        handle = _handles[root] = _ProcessHandle(os.getpid())
+        # One exit hook serves every folder; unregistering first keeps it to one.
+        atexit.unregister(_release_all)
+        atexit.register(_release_all)
+    postgres = handle.clusters.get(pgdata)
+    if postgres is not None:
+        if postmaster_url(pgdata) is not None:
+            status.info("reusing embedded PostgreSQL %d in %s", server.major, pgdata)
+            return handle
+        logger.warning("embedded PostgreSQL in %s went away; starting it again", pgdata)
+        del handle.clusters[pgdata]
+        postgres.release(last=False)
+    _claim(_cluster_handles(root, pgdata))
+    try:
+        handle.clusters[pgdata] = server.open(pgdata)
+    except BaseException:
+        _unclaim(_cluster_handles(root, pgdata))
+        raise
     return handle
 
 
 def _release(root: Path, token: int) -> None:
-    handle = _handles.get(root)
-    if handle is None or handle.pid != os.getpid() or token not in handle.tokens:
+    handle = _held(root)
+    if handle is None or token not in handle.tokens:
         return
-    handle.tokens.discard(token)
-    if handle.tokens:
-        return
-    del _handles[root]
-    remaining = _update_handles(root, remove=os.getpid())
+    pgdata = handle.tokens.pop(token)
     try:
-        handle.postgres.release(last=not remaining)
+        postgres = handle.clusters.get(pgdata)
+        if postgres is not None and pgdata not in handle.tokens.values():
+            del handle.clusters[pgdata]
+            postgres.release(last=not _unclaim(_cluster_handles(root, pgdata)))
     finally:
-        if not remaining:
-            stop_redis(root / "redis")
+        if not handle.tokens:
+            del _handles[root]
+            if not _unclaim(_folder_handles(root)):
+                stop_redis(root / "redis")
 
 
 def _release_all() -> None:
@@ -162,11 +201,23 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _update_handles(root: Path, *, add: int = 0, remove: int = 0) -> list[int]:
-    """Prune dead pids from the handle list, apply the change, return the pids left."""
-    path = root / ".handles.json"
-    pids = prune_pid_list(path, drop=remove)
-    if add and add not in pids:
-        pids.append(add)
-        write_atomic(path, json.dumps(pids))
-    return pids
+def _folder_handles(root: Path) -> Path:
+    """The pids holding a handle on the folder: Redis stops when none is left."""
+    return root / ".handles.json"
+
+
+def _cluster_handles(root: Path, pgdata: Path) -> Path:
+    """The pids holding the cluster ``pgdata``: that PostgreSQL stops when none is left."""
+    return root / f".handles.{pgdata.name}.json"
+
+
+def _claim(pid_list: Path) -> None:
+    """Add this process to ``pid_list`` (pruning dead pids)."""
+    pids = prune_pid_list(pid_list)
+    if os.getpid() not in pids:
+        write_atomic(pid_list, json.dumps([*pids, os.getpid()]))
+
+
+def _unclaim(pid_list: Path) -> list[int]:
+    """Remove this process from ``pid_list`` (pruning dead pids); return the pids left."""
+    return prune_pid_list(pid_list, drop=os.getpid())

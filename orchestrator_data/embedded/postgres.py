@@ -80,7 +80,7 @@ def choose_postgres() -> PostgresServer:
                     f"pgserver is not installed: {NO_EXTRA}, Python <= 3.12), or set DATABASE_URL"
                 ) from None
         else:
-            bindir = Path(pgserver.postgres_server.POSTGRES_BIN_PATH)
+            bindir = Path(pgserver._commands.POSTGRES_BIN_PATH)
             return PostgresServer("pgserver", bindir, server_major(bindir), pgserver)
     bindir = _find_pg_bindir()
     return PostgresServer("binaries", bindir, server_major(bindir))
@@ -89,7 +89,7 @@ def choose_postgres() -> PostgresServer:
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def server_major(bindir: Path) -> int:
     """The major version of ``bindir/postgres``, from its ``--version`` (16 for 16.2)."""
     postgres = bindir / "postgres"
@@ -232,6 +232,10 @@ class _PgserverPostgres:
             with _pgserver_at_debug():
                 self._server = pgserver.get_server(pgdata, cleanup_mode="stop")
         except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
+            # pgserver registered the half-made server; a later try must not be handed it back.
+            broken = self._cls._instances.pop(pgdata, None)
+            if broken is not None:
+                atexit.unregister(broken._cleanup)
             raise EmbeddedServerError(
                 f"pgserver could not start PostgreSQL {major} in {pgdata} ({type(exc).__name__}); "
                 f"last lines of {pgdata / 'log'}: {tail(pgdata / 'log')}"

