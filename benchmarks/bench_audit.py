@@ -30,7 +30,7 @@ from typing import Any
 import psycopg2
 from _common import bench_database, interleaved_us, iterations, print_table
 from bench_uow import libpq_dsn
-from sqlalchemy import DateTime, String, create_engine, func, select, update
+from sqlalchemy import CursorResult, DateTime, String, create_engine, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -112,7 +112,8 @@ def main() -> None:
             def run() -> None:
                 with layer.unit_of_work() as u:
                     result = u.session.execute(update(Agent).where(bulk_where).values(role=flip()))
-                    assert result.rowcount == BULK_ROWS  # type: ignore[attr-defined]
+                    assert isinstance(result, CursorResult)  # a bulk UPDATE's: rowcount
+                    assert result.rowcount == BULK_ROWS
                     u.commit()
 
             return run

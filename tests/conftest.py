@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+# Servers a test owns (to kill, pause or fill): the own_redis fixture.
+pytest_plugins = ("fixtures.own_servers",)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

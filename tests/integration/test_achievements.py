@@ -53,7 +53,7 @@ def test_rules_award_milestones_streaks_and_fast_completions(data_layer: DataLay
         assert (record.completed, record.streak) == (11, 6)
         assert uow.achievements.points_of(agent_id) == 10 + 20 + 50 + 20 + 5
         rows = uow.audit.list(resource_type="achievement", limit=100).items
-    assert [r.new_value["achievement_type"] for r in rows] == [
+    assert [(r.new_value or {}).get("achievement_type") for r in rows] == [
         "first_task",
         "completion_streak",
         "tasks_10",

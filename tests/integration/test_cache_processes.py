@@ -6,24 +6,23 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
+from fixtures.own_servers import OwnRedis
 from orchestrator_data import DataLayer, Settings
 
 READER = r"""
 import json, sys, time, uuid
+from fixtures.own_servers import OwnRedis
 from orchestrator_data import DataLayer, Settings
+
 settings = Settings(**json.loads(sys.argv[1]))
 ident = uuid.UUID(sys.argv[2])
 with DataLayer(settings) as dl:
@@ -73,92 +72,32 @@ def test_another_process_sees_a_commit_after_the_broadcast(
         "pool_min": 1,
         "warm_pool": False,
     }
-    reader = subprocess.Popen(
+    # Leaving the with block closes the pipes and reaps the process.
+    with subprocess.Popen(
         [sys.executable, "-c", READER, json.dumps(settings), str(ident)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert reader.stdout is not None and reader.stdin is not None
-        before = json.loads(reader.stdout.readline())
-        assert before == {"status": "idle", "l1_hit": True}  # held in the reader's L1
-        with data_layer.unit_of_work() as uow:
-            uow.agents.update(ident, status="busy")
-            uow.commit()
-        reader.stdin.write("committed\n")
-        reader.stdin.flush()
-        after = json.loads(reader.stdout.readline())
-        assert after["received"] is True
-        assert after["status"] == "busy"
-        assert reader.wait(30) == 0
-    finally:
-        if reader.poll() is None:
-            reader.kill()
+    ) as reader:
+        try:
+            assert reader.stdout is not None and reader.stdin is not None
+            before = json.loads(reader.stdout.readline())
+            assert before == {"status": "idle", "l1_hit": True}  # held in the reader's L1
+            with data_layer.unit_of_work() as uow:
+                uow.agents.update(ident, status="busy")
+                uow.commit()
+            reader.stdin.write("committed\n")
+            reader.stdin.flush()
+            after = json.loads(reader.stdout.readline())
+            assert after["received"] is True
+            assert after["status"] == "busy"
+            assert reader.wait(30) == 0
+        finally:
+            if reader.poll() is None:
+                reader.kill()
 
 
 # -- a Redis of our own, stopped and restarted mid-test ---------------------------
-
-
-class OwnRedis:
-    def __init__(self, directory: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(30)
-            self.process = None
-
-    def save(self) -> None:
-        client = redis.Redis(port=self.port)
-        client.save()
-        client.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 def wait_until(condition: Any, timeout: float = 30.0) -> bool:
@@ -227,8 +166,7 @@ def test_a_hung_redis_holds_up_only_the_calls_already_in_flight(
 ) -> None:
     dl: DataLayer = make_data_layer(
         redis_url=own_redis.url,
-        redis_command_timeout=5.0,
-        redis_max_retries=0,
+        cache_command_timeout=5.0,  # the call in flight hangs that long
         cache_slow_call=0.05,
         cache_probe_interval=0.1,
         pool_min=1,
@@ -271,13 +209,12 @@ def test_fills_resume_after_redis_forgets_the_fill_script(
     dl.cache.wait_for_fills()
     filled = dl.cache.stats()["l2_fills"]
     assert filled >= 1
-    client = redis.Redis(port=own_redis.port)
-    client.script_flush()  # as after a restart: the script's SHA is unknown now
-    read(dl, second)  # its fill is refused (NOSCRIPT) and the script loaded again
-    dl.cache.wait_for_fills()
-    read(dl, third)
-    dl.cache.wait_for_fills()
-    assert dl.cache.stats()["l2_fills"] > filled
-    keys = [k.decode() for k in client.scan_iter(match="*cache:agent:*")]
+    with redis.Redis(port=own_redis.port) as client:
+        client.script_flush()  # as after a restart: the script's SHA is unknown now
+        read(dl, second)  # its fill is refused (NOSCRIPT) and the script loaded again
+        dl.cache.wait_for_fills()
+        read(dl, third)
+        dl.cache.wait_for_fills()
+        assert dl.cache.stats()["l2_fills"] > filled
+        keys = [k.decode() for k in client.scan_iter(match="*cache:agent:*")]
     assert any(str(third) in k for k in keys)
-    client.close()

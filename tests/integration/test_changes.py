@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import pytest
-from sqlalchemy import delete, insert, text, update
+from sqlalchemy import CursorResult, delete, insert, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session as OrmSession
 
@@ -113,6 +113,7 @@ def test_bulk_update_and_delete(dl_rec: tuple[DataLayer, Recorder]) -> None:
             .where(Task.priority >= 3)
             .values(status="failed", priority=Task.priority + 1)
         )
+        assert isinstance(result, CursorResult)  # what a bulk UPDATE returns: rowcount
         assert result.rowcount == 3
         uow.commit()
     changes = rec.committed[-1]

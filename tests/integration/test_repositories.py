@@ -14,10 +14,11 @@ from orchestrator_data import (
     DataLayer,
     NotFoundError,
     OrchestratorDataError,
+    Page,
     UnitOfWork,
     ValidationError,
 )
-from orchestrator_data.models import Task
+from orchestrator_data.models import Agent, Task
 
 
 def test_create_get_update_delete_round_trip(data_layer: DataLayer) -> None:
@@ -141,7 +142,10 @@ def test_agent_filters(data_layer: DataLayer, agent_factory: type) -> None:
         uow.agents.create(name="a3", role="planner", status="idle", capabilities=["plan", "test"])
         uow.commit()
     with data_layer.unit_of_work(read_only=True) as uow:
-        names = lambda page: sorted(a.name for a in page)  # noqa: E731
+
+        def names(page: Page[Agent]) -> list[str]:
+            return sorted(a.name for a in page)
+
         assert names(uow.agents.by_role("coder")) == ["a1", "a2"]
         assert names(uow.agents.by_status("idle")) == ["a2", "a3"]
         assert names(uow.agents.with_capability("test")) == ["a1", "a3"]
