@@ -1,8 +1,10 @@
 """Retention of the audit trail: the one way rows leave ``audit_logs``.
 
-The append-only trigger (migration 003) lets a DELETE through only in a
-transaction that ran ``SET LOCAL orchestrator_data.audit_prune = 'on'``;
-:func:`prune_audit_log` does exactly that and records what it removed.
+The append-only trigger lets a DELETE through only when it runs as the
+role ``orchestrator_data_retention``, which only the ``SECURITY DEFINER``
+function ``prune_audit_logs`` does (migration 005): it deletes the rows
+older than its cutoff and writes its own ``prune`` row, in one statement.
+No setting a session can change opens the table.
 """
 
 from __future__ import annotations
@@ -12,17 +14,13 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import text
 
-from orchestrator_data.audit.trail import actor_of, audit_row, correlation_id_of, write_rows
+from orchestrator_data.audit.trail import actor_of, correlation_id_of, metadata_json
 from orchestrator_data.errors import ValidationError
 from orchestrator_data.uow import UnitOfWork
 
-# SET LOCAL lasts until the end of the transaction, so the switch can never
-# stay on for the next user of a pooled connection.
-_SWITCH_ON = text("SET LOCAL orchestrator_data.audit_prune = 'on'")
-_SWITCH_OFF = text("SET LOCAL orchestrator_data.audit_prune = 'off'")
-_DELETE_OLDER = text(
-    "WITH gone AS (DELETE FROM audit_logs WHERE timestamp < now() - :age RETURNING timestamp) "
-    "SELECT count(*), min(timestamp), max(timestamp), now() - :age FROM gone"
+_PRUNE = text(
+    "SELECT deleted, cutoff, oldest, newest FROM "
+    "prune_audit_logs(:age, :actor_type, :actor_id, CAST(:ip AS inet), CAST(:meta AS jsonb))"
 )
 
 
@@ -45,21 +43,22 @@ def prune_audit_log(uow: UnitOfWork, older_than: timedelta) -> PruneResult:
         raise ValidationError({"older_than": ["Must be a positive duration."]})
     session = uow.session
     session.flush()
-    session.execute(_SWITCH_ON)
-    count, oldest, newest, cutoff = session.execute(_DELETE_OLDER, {"age": older_than}).one()
-    # Append-only again for the rest of this transaction. (Had the DELETE
-    # failed, the transaction would be aborted and rolled back, switch and all.)
-    session.execute(_SWITCH_OFF)
-    result = PruneResult(int(count), cutoff, oldest, newest)
-    row = audit_row(
-        action="prune",
-        actor=actor_of(session),
-        resource_type="audit_log",
-        resource_id=None,
-        old={"rows": result.deleted, "oldest": oldest, "newest": newest},
-        new=None,
-        correlation_id=correlation_id_of(session),
-        extra={"cutoff": cutoff, "older_than_seconds": older_than.total_seconds()},
+    actor = actor_of(session)
+    meta = metadata_json(correlation_id_of(session), None)
+    # On the connection: the session's guard has nothing to check in a
+    # function call, and the function does the writing.
+    deleted, cutoff, oldest, newest = (
+        session.connection()
+        .execute(
+            _PRUNE,
+            {
+                "age": older_than,
+                "actor_type": actor.type,
+                "actor_id": actor.id,
+                "ip": actor.ip,
+                "meta": meta,
+            },
+        )
+        .one()
     )
-    write_rows(session.connection(), [row])
-    return result
+    return PruneResult(int(deleted), cutoff, oldest, newest)

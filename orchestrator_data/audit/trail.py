@@ -97,7 +97,7 @@ class AuditTrail:
 def _change_meta(correlation_id: str | None, how: str) -> str:
     # ``how``: "" (an ORM flush), "bulk" (a bulk statement), "cascade" (done
     # by a foreign key): recorded as {"bulk": true} / {"cascade": true}.
-    return _meta_json(correlation_id, {how: True} if how else None)
+    return metadata_json(correlation_id, {how: True} if how else None)
 
 
 def actor_of(session: OrmSession) -> Actor:
@@ -131,7 +131,7 @@ def audit_row(
         None if resource_id is None else str(resource_id),
         old,
         new,
-        _meta_json(correlation_id, extra),
+        metadata_json(correlation_id, extra),
     )
 
 
@@ -163,7 +163,8 @@ def write_rows(connection: Connection, rows: Sequence[AuditRow]) -> None:
         )
 
 
-def _meta_json(correlation_id: str | None, extra: Mapping[str, Any] | None) -> str:
+def metadata_json(correlation_id: str | None, extra: Mapping[str, Any] | None) -> str:
+    """The ``metadata`` document of an audit row: ``extra`` and the correlation id."""
     meta: dict[str, Any] = dict(extra or {})
     if correlation_id is not None:
         meta["correlation_id"] = correlation_id

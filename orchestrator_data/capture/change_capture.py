@@ -24,7 +24,6 @@ back are discarded, the committed transaction's changes are handed to
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -37,6 +36,8 @@ from sqlalchemy.sql import ClauseElement
 
 from orchestrator_data.capture.change import IGNORED_ON_UPDATE, Action, Change, snapshot
 from orchestrator_data.capture.statements import StatementCapture
+from orchestrator_data.errors import UncapturedWriteError
+from orchestrator_data.models.audit_log import AuditLog
 from orchestrator_data.models.base import Base
 
 __all__ = ["IGNORED_ON_UPDATE", "Action", "Change", "ChangeCapture", "has_written"]
@@ -66,11 +67,11 @@ class ChangeCapture(StatementCapture):
 
     def __init__(self, models: Iterable[type[Base]]) -> None:
         self._models = {m.__table__: m for m in models}
+        self._by_name = {m.__tablename__: m for m in self._models.values()}
         self._flush_listeners: list[FlushListener] = []
         self._commit_listeners: list[CommitListener] = []
         self._rollback_listeners: list[RollbackListener] = []
         self._want_values = False
-        self._write_pattern: re.Pattern[str] | None = None
 
     # -- subscription ------------------------------------------------------
 
@@ -184,6 +185,11 @@ class ChangeCapture(StatementCapture):
         self, session: OrmSession, flush_context: UOWTransaction, instances: Any
     ) -> None:
         session.info.pop(_CASCADED, None)  # left over by a flush that failed
+        for obj in (*session.new, *session.dirty, *session.deleted):
+            if isinstance(obj, AuditLog):
+                raise UncapturedWriteError(
+                    "audit rows are written by the audit trail only, not through the session"
+                )
         deleting: dict[type[Base], list[uuid.UUID]] = {}
         for obj in session.deleted:
             model = self._tracked(obj)

@@ -10,7 +10,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.exc import DBAPIError
 
 from fixtures.pytest_plugin import Servers
@@ -29,20 +29,22 @@ def run_cli(
 
 
 def _backdate(dl: DataLayer, days: int, n: int) -> None:
-    # INSERT is allowed: only UPDATE / DELETE / TRUNCATE are refused.
+    # Old rows, as the trail would have written them long ago: straight on a
+    # connection (through a session, audit rows are refused), INSERT being
+    # the one statement the append-only table takes.
     when = datetime.now(timezone.utc) - timedelta(days=days)
-    with dl.unit_of_work() as uow:
-        for i in range(n):
-            uow.session.add(
-                AuditLog(
-                    action="update",
-                    actor_type="system",
-                    resource_type="agent",
-                    resource_id=f"old-{days}-{i}",
-                    timestamp=when + timedelta(seconds=i),
-                )
-            )
-        uow.commit()
+    rows = [
+        {
+            "action": "update",
+            "actor_type": "system",
+            "resource_type": "agent",
+            "resource_id": f"old-{days}-{i}",
+            "timestamp": when + timedelta(seconds=i),
+        }
+        for i in range(n)
+    ]
+    with dl.engine.begin() as conn:
+        conn.execute(insert(AuditLog), rows)
 
 
 def test_prune_deletes_old_rows_and_audits_itself(data_layer: DataLayer) -> None:
@@ -60,15 +62,16 @@ def test_prune_deletes_old_rows_and_audits_itself(data_layer: DataLayer) -> None
     ]
     [prune] = [r for r in left if r.action == "prune"]
     assert (prune.actor_type, prune.actor_id, prune.resource_type) == ("user", "ops", "audit_log")
+    assert prune.old_value is not None
     assert prune.old_value["rows"] == 3
     assert datetime.fromisoformat(prune.old_value["oldest"]) == result.oldest
     assert prune.metadata_["older_than_seconds"] == 90 * 86400
     assert "txid" in prune.metadata_
 
-    # The switch was transaction-local: the next transaction on the pool is
-    # append-only again.
-    with pytest.raises(DBAPIError, match="append-only"), data_layer.unit_of_work() as uow:
-        uow.session.execute(text("DELETE FROM audit_logs"))
+    # Pruning opened nothing: the next DELETE on the pool's connections is
+    # still refused by the table's trigger.
+    with pytest.raises(DBAPIError, match="append-only"), data_layer.engine.begin() as conn:
+        conn.execute(text("DELETE FROM audit_logs"))
 
 
 def test_prune_cli(data_layer: DataLayer, od_database_url: str, od_servers: Servers) -> None:

@@ -13,11 +13,15 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from fixtures.pytest_plugin import Servers
+from fixtures.pytest_plugin import RETENTION_ROLE, Servers
 from orchestrator_data import DataLayer, Settings
 from orchestrator_data.config import sqlalchemy_url
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+#: The newest migration, and the one before it.
+HEAD, PREVIOUS = "005", "004"
 
 
 @pytest.fixture
@@ -46,7 +50,7 @@ def test_upgrade_downgrade_upgrade_and_no_drift(empty_database: str) -> None:
 
     with DataLayer(Settings(database_url=empty_database, warm_pool=False)) as dl:
         dl.migrate()
-        assert dl.current_revision() == "004"
+        assert dl.current_revision() == HEAD
         assert _tables(dl) == {"agents", "tasks", "sessions", "audit_logs", "achievements"}
         dl.downgrade("base")
         assert dl.current_revision() is None
@@ -78,11 +82,11 @@ def migrate_cli(database_url: str, *args: str) -> str:
 
 def test_cli_migrate_commands(empty_database: str) -> None:
     assert "current: base" in migrate_cli(empty_database, "status")
-    assert "pending: 004" in migrate_cli(empty_database, "status")
-    assert "revision 004" in migrate_cli(empty_database, "up")
+    assert f"pending: {HEAD}" in migrate_cli(empty_database, "status")
+    assert f"revision {HEAD}" in migrate_cli(empty_database, "up")
     assert "up to date" in migrate_cli(empty_database, "status")
-    assert "revision 003" in migrate_cli(empty_database, "down")
-    assert "revision 004" in migrate_cli(empty_database, "up", "head")
+    assert f"revision {PREVIOUS}" in migrate_cli(empty_database, "down")
+    assert f"revision {HEAD}" in migrate_cli(empty_database, "up", "head")
 
 
 def test_cli_migrate_create_numbers_the_next_revision(empty_database: str) -> None:
@@ -121,6 +125,11 @@ def test_audit_logs_reject_update_delete_truncate(data_layer: DataLayer) -> None
     ):
         with pytest.raises(DBAPIError, match="append-only"), data_layer.engine.begin() as conn:
             conn.execute(text(statement))
-    with data_layer.engine.begin() as conn:
+    # The switch of earlier releases opens nothing any more.
+    with pytest.raises(DBAPIError, match="append-only"), data_layer.engine.begin() as conn:
         conn.execute(text("SET LOCAL orchestrator_data.audit_prune = 'on'"))
+        conn.execute(text("DELETE FROM audit_logs"))
+    # Only the retention role deletes (inside prune_audit_logs, its function).
+    with data_layer.engine.begin() as conn:
+        conn.execute(text(f"SET LOCAL ROLE {RETENTION_ROLE}"))
         assert conn.execute(text("DELETE FROM audit_logs")).rowcount == 1

@@ -12,10 +12,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from fixtures.own_servers import OwnRedis, own_redis
+from fixtures.own_servers import OwnRedis
 from orchestrator_data import DataLayer
-
-__all__ = ["own_redis"]
 
 WRITERS = 6
 READERS = 6
