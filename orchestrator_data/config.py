@@ -188,7 +188,7 @@ class Settings:
         simple = {f.name: f for f in fields(cls) if f.name != "ttls"}
         ttl_fields = {f.name: f for f in fields(CacheTTLs)}
         for env_name, raw in env.items():
-            if not env_name.startswith("ORCHESTRATOR_"):
+            if not env_name.startswith("ORCHESTRATOR_") or env_name in NOT_SETTINGS:
                 continue
             name = env_name[len("ORCHESTRATOR_") :].lower()
             if name.startswith("ttl_") and name[4:] in ttl_fields:
@@ -202,6 +202,10 @@ class Settings:
         if ttl_values:
             values["ttls"] = CacheTTLs(**ttl_values)
         return cls(**values)
+
+
+#: ``ORCHESTRATOR_*`` variables read elsewhere, not Settings fields.
+NOT_SETTINGS = frozenset({"ORCHESTRATOR_EMBEDDED_PG"})  # orchestrator_data.embedded
 
 
 def _coerce(env_name: str, raw: str, kind: type) -> Any:

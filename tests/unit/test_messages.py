@@ -66,3 +66,10 @@ def test_help_lists_the_audit_commands() -> None:
     assert out.returncode == 0
     for command in ("prune", "recent", "show"):
         assert f"  {command} " in out.stdout
+
+
+def test_the_embedded_servers_switch_is_not_an_unknown_setting() -> None:
+    # Read by orchestrator_data.embedded, not by Settings: the CLI must accept it.
+    assert Settings.from_env({"ORCHESTRATOR_EMBEDDED_PG": "binaries"}) == Settings()
+    with pytest.raises(ConfigurationError, match="unknown setting ORCHESTRATOR_EMBEDDED_PGX"):
+        Settings.from_env({"ORCHESTRATOR_EMBEDDED_PGX": "binaries"})
