@@ -156,6 +156,7 @@ class DataLayer:
         Raises :class:`DatabaseTimeoutError` when no connection becomes free
         within ``pool_timeout``.
         """
+        actor = Actor.checked(actor)  # a non-Actor is a ValidationError, before any connection
         level = (isolation or self.settings.default_isolation).upper()
         factory = self._factories.get((level, bool(read_only)))
         if factory is None:

@@ -43,13 +43,13 @@ class AchievementRepository(Repository[Achievement]):
             .limit(limit)
         )
         if agent_ids is not None:
-            ids = [coerce_uuid(i, "agent_ids") for i in agent_ids]
+            ids = [coerce_uuid(i, "agent_ids") for i in _checks.values(agent_ids)]
             stmt = stmt.where(Agent.id.in_(ids))
         return [(row[0], row[1], int(row[2])) for row in self.session.execute(stmt)]
 
     def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
         if name == "agent_id":
-            return Achievement.agent_id == coerce_uuid(value, "agent_id")
+            return self._equals(Achievement.agent_id, name, value)
         if name == "achievement_type":
-            return Achievement.achievement_type == _checks.text(name, value, 100)
+            return self._equals(Achievement.achievement_type, name, value)
         return super()._filter(name, value)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, literal_column
+from sqlalchemy import ColumnElement, func, literal_column, select
 
-from orchestrator_data.models import AGENT_SEARCH_DOCUMENT, AGENT_STATUSES, Agent
+from orchestrator_data.models import AGENT_SEARCH_DOCUMENT, Agent
 from orchestrator_data.pagination import Page
 from orchestrator_data.repositories import _checks
 from orchestrator_data.repositories.base import Repository
@@ -32,8 +32,11 @@ class AgentRepository(Repository[Agent]):
         return self.list(capability=list(capabilities), **kw)
 
     def get_by_name(self, name: str, *, cached: bool | None = None) -> Agent | None:
+        _checks.optional_boolean("cached", cached)
+        clauses = self._where({"name": name})
+
         def load() -> tuple[list[Agent], str | None]:
-            found = self.session.scalars(self._select({"name": name})).first()
+            found = self.session.scalars(select(Agent).where(*clauses)).first()
             return ([found] if found is not None else []), None
 
         rows, _ = self._rows(("by_name", name), load, cached)
@@ -43,6 +46,7 @@ class AgentRepository(Repository[Agent]):
         """Agents whose name or role matches ``query`` (full text, best match first)."""
         _checks.text("query", query, 1000)
         _checks.integer("limit", limit, 1, 1000)
+        _checks.optional_boolean("cached", cached)
         rows, _ = self._rows(("search", query, limit), lambda: self._search(query, limit), cached)
         return rows
 
@@ -57,15 +61,10 @@ class AgentRepository(Repository[Agent]):
         return list(self.session.scalars(stmt)), None
 
     def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
-        if name == "role":
-            return Agent.role == _checks.text(name, value, 100)
-        if name == "status":
-            return Agent.status == _checks.one_of(name, value, AGENT_STATUSES)
-        if name == "name":
-            return Agent.name == _checks.text(name, value)
+        if name in ("role", "status", "name"):
+            return self._equals(getattr(Agent, name), name, value)
         if name == "capability":
-            wanted = [value] if isinstance(value, str) else list(value)
-            for cap in wanted:
-                _checks.text(name, cap)
+            # One capability or a list; checked as the capabilities field checks them.
+            wanted = self._check(name, _checks.values(value), "capabilities")
             return Agent.capabilities.contains(wanted)
         return super()._filter(name, value)

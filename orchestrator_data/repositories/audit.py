@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from sqlalchemy import ColumnElement
 
-from orchestrator_data.errors import OrchestratorDataError, ValidationError
+from orchestrator_data.errors import OrchestratorDataError
 from orchestrator_data.models import AUDIT_ACTIONS, RESOURCE_TYPES, AuditLog
 from orchestrator_data.pagination import Page
 from orchestrator_data.repositories import _checks
@@ -57,17 +58,19 @@ class AuditLogRepository(Repository[AuditLog]):
         if name == "resource_type":
             return AuditLog.resource_type == _checks.one_of(name, value, RESOURCE_TYPES)
         if name in ("resource_id", "actor_type", "actor_id"):
-            column = getattr(AuditLog, name)
-            clause: ColumnElement[bool] = column == _checks.text(name, str(value))
-            return clause
+            if name == "resource_id" and isinstance(value, uuid.UUID):
+                value = str(value)
+            return self._equals(getattr(AuditLog, name), name, value)
         if name == "action":
             return AuditLog.action == _checks.one_of(name, value, AUDIT_ACTIONS)
-        if name in ("since", "until"):
-            if not isinstance(value, datetime) or value.tzinfo is None:
-                raise ValidationError({name: ["Must be a timezone-aware datetime."]})
-            if name == "since":
-                return AuditLog.timestamp >= value
-            return AuditLog.timestamp < value
+        if name == "since":
+            return cast(
+                "ColumnElement[bool]", AuditLog.timestamp >= self._check(name, value, "timestamp")
+            )
+        if name == "until":
+            return cast(
+                "ColumnElement[bool]", AuditLog.timestamp < self._check(name, value, "timestamp")
+            )
         if name == "txid":
             _checks.integer(name, value, 1, 2**63 - 1)
             return AuditLog.metadata_.contains({"txid": value})

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Select, func, select, tuple_
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.orm import Session as OrmSession
 
@@ -23,7 +23,9 @@ from orchestrator_data.cache.query_codecs import SCALAR
 from orchestrator_data.errors import NotFoundError, ValidationError
 from orchestrator_data.models.base import Base, to_dict
 from orchestrator_data.pagination import Page, decode_cursor, encode_cursor
-from orchestrator_data.schemas.base import EntitySchema, load
+from orchestrator_data.repositories import _checks
+from orchestrator_data.schemas import rules
+from orchestrator_data.schemas.base import EntitySchema, field_value, load
 
 if TYPE_CHECKING:
     from orchestrator_data.cache.layer import Cache
@@ -44,14 +46,7 @@ def _schema(schema_type: type[EntitySchema]) -> EntitySchema:
 
 def coerce_uuid(value: object, field: str = "id") -> uuid.UUID:
     """``value`` as a UUID, or a ValidationError naming ``field``."""
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
-    raise ValidationError({field: ["Not a valid UUID."]})
+    return rules.checked(field, rules.uuid_value, value)
 
 
 class Repository(Generic[ModelT]):
@@ -157,35 +152,72 @@ class Repository(Generic[ModelT]):
         """A page of rows matching ``filters``, in a stable order
         (``order_by`` then ``id``). Pass the returned ``next_cursor`` as
         ``after`` to continue; rows inserted meanwhile never shift pages.
-        ``cached`` as for :meth:`get`."""
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
-            raise ValidationError({"limit": [f"Must be between 1 and {MAX_PAGE_SIZE}."]})
-        order = order_by or self.default_order
-        if order not in self.sortable:
-            raise ValidationError(
-                {"order_by": [f"Must be one of: {', '.join(sorted(self.sortable))}."]}
-            )
+        ``cached`` as for :meth:`get`. Every argument is validated (a
+        ValidationError naming it) before the cache or the database is asked."""
+        _checks.integer("limit", limit, 1, MAX_PAGE_SIZE)
+        order = self._order(order_by)
+        _checks.boolean("descending", descending)
+        _checks.optional_boolean("cached", cached)
+        clauses = self._where(filters)
+        if after is not None:
+            clauses.append(self._keyset(after, order, descending))
         parts = ("list", limit, after, order, descending, filters)
         rows, cursor = self._rows(
-            parts, lambda: self._load_page(limit, after, order, descending, filters), cached
+            parts, lambda: self._load_page(limit, order, descending, clauses), cached
         )
         return Page(rows, cursor)
+
+    def _order(self, order_by: object) -> str:
+        if order_by is None:
+            return self.default_order
+        if not isinstance(order_by, str) or order_by not in self.sortable:
+            raise ValidationError(
+                {"order_by": [f"Must be one of: {', '.join(sorted(self.sortable))}."]},
+                entity=self.entity,
+            )
+        return order_by
+
+    def _keyset(self, after: str, order: str, descending: bool) -> ColumnElement[bool]:
+        """Rows after the cursor ``after`` in the order (``order``, ``id``).
+
+        The cursor's value is checked with ``order``'s field, as any filter
+        value would be: a cursor made for another order, or forged, is a
+        ValidationError naming ``after``. Nullable columns sort NULLs last
+        ascending and first descending (PostgreSQL's default), and a NULL in
+        the cursor is a position like any other.
+        """
+        raw, last_id = decode_cursor(after)
+        try:
+            value = field_value(self._schema, order, raw, name="after", entity=self.entity)
+        except ValidationError:
+            raise ValidationError(
+                {"after": [f"Not a valid cursor for order_by={order!r}."]}, entity=self.entity
+            ) from None
+        column: InstrumentedAttribute[Any] = getattr(self.model_type, order)
+        ident: InstrumentedAttribute[Any] = self.model_type.id  # type: ignore[attr-defined]
+        key = tuple_(column, ident)
+        if value is None:
+            later_id = ident < last_id if descending else ident > last_id
+            same = and_(column.is_(None), later_id)
+            return or_(same, column.is_not(None)) if descending else same
+        beyond = key < (value, last_id) if descending else key > (value, last_id)
+        if descending or not self._nullable(order):
+            return beyond
+        return or_(beyond, column.is_(None))
+
+    def _nullable(self, order: str) -> bool:
+        return bool(self._schema.fields[order].allow_none)
 
     def _load_page(
         self,
         limit: int,
-        after: str | None,
         order: str,
         descending: bool,
-        filters: Mapping[str, Any],
+        clauses: Sequence[ColumnElement[bool]],
     ) -> tuple[builtins.list[ModelT], str | None]:
         column: InstrumentedAttribute[Any] = getattr(self.model_type, order)
         ident: InstrumentedAttribute[Any] = self.model_type.id  # type: ignore[attr-defined]
-        stmt = self._select(filters)
-        if after is not None:
-            value, last_id = decode_cursor(after)
-            key = tuple_(column, ident)
-            stmt = stmt.where(key < (value, last_id) if descending else key > (value, last_id))
+        stmt = select(self.model_type).where(*clauses)
         if descending:
             stmt = stmt.order_by(column.desc(), ident.desc())
         else:
@@ -200,9 +232,11 @@ class Repository(Generic[ModelT]):
 
     def count(self, *, cached: bool | None = None, **filters: Any) -> int:
         """Number of rows matching ``filters`` (the same filters as :meth:`list`)."""
+        _checks.optional_boolean("cached", cached)
+        clauses = self._where(filters)
 
         def load() -> int:
-            stmt = select(func.count()).select_from(self.model_type).where(*self._where(filters))
+            stmt = select(func.count()).select_from(self.model_type).where(*clauses)
             return int(self.session.scalar(stmt) or 0)
 
         return self._scalar(("count", filters), load, cached)
@@ -277,7 +311,24 @@ class Repository(Generic[ModelT]):
         Subclasses extend this; the base knows ``created_after`` / ``created_before``."""
         created: InstrumentedAttribute[Any] | None = getattr(self.model_type, "created_at", None)
         if created is not None and name == "created_after":
-            return cast("ColumnElement[bool]", created >= value)
+            return cast("ColumnElement[bool]", created >= self._check(name, value, "created_at"))
         if created is not None and name == "created_before":
-            return cast("ColumnElement[bool]", created < value)
+            return cast("ColumnElement[bool]", created < self._check(name, value, "created_at"))
         return None
+
+    def _check(self, name: str, value: Any, field: str | None = None) -> Any:
+        """Filter ``name``'s ``value``, validated by the schema field ``field``
+        (default: the field called ``name``), the very rules of create and
+        update; a ValidationError naming ``name``."""
+        return field_value(self._schema, field or name, value, name=name, entity=self.entity)
+
+    def _equals(
+        self, column: InstrumentedAttribute[Any], name: str, value: Any, field: str | None = None
+    ) -> ColumnElement[bool]:
+        """``column = value``, ``value`` checked as filter ``name`` (see :meth:`_check`)."""
+        clause: ColumnElement[bool] = column == self._check(name, value, field)
+        return clause
+
+    def _check_each(self, name: str, value: Any, field: str | None = None) -> builtins.list[Any]:
+        """:meth:`_check` for a filter that takes one value or a list of them."""
+        return [self._check(name, v, field) for v in _checks.values(value)]

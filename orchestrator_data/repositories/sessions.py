@@ -22,7 +22,8 @@ class SessionRepository(Repository[Session]):
 
     def get_by_key(self, session_key: str, *, cached: bool | None = None) -> Session | None:
         """The session with ``session_key``, or ``None``."""
-        key = _checks.text("session_key", session_key)
+        key = self._check("session_key", session_key)
+        _checks.optional_boolean("cached", cached)
 
         def load() -> tuple[list[Session], None]:
             found = self.session.scalars(self._select({}).where(Session.session_key == key)).first()
@@ -33,7 +34,7 @@ class SessionRepository(Repository[Session]):
 
     def delete_expired(self, now: datetime | None = None) -> int:
         """Delete sessions whose ``expires_at`` has passed; return how many."""
-        moment = now or datetime.now(timezone.utc)
+        moment = datetime.now(timezone.utc) if now is None else _checks.aware_datetime("now", now)
         result = self.session.execute(
             delete(Session)
             .where(Session.expires_at < moment)
@@ -43,12 +44,12 @@ class SessionRepository(Repository[Session]):
 
     def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
         if name == "user_id":
-            return Session.user_id == _checks.text(name, value)
+            return self._equals(Session.user_id, name, value)
         if name == "expired":
             now = datetime.now(timezone.utc)
             return (
                 Session.expires_at < now
-                if value
+                if _checks.boolean(name, value)
                 else (Session.expires_at.is_(None) | (Session.expires_at >= now))
             )
         return super()._filter(name, value)

@@ -4,17 +4,11 @@ full-text search, and the claim of the next pending task."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import ColumnElement, func, literal_column, select
 
-from orchestrator_data.models import (
-    PRIORITY_MAX,
-    PRIORITY_MIN,
-    TASK_SEARCH_DOCUMENT,
-    TASK_STATUSES,
-    Task,
-)
+from orchestrator_data.models import PRIORITY_MAX, PRIORITY_MIN, TASK_SEARCH_DOCUMENT, Task
 from orchestrator_data.pagination import Page
 from orchestrator_data.repositories import _checks
 from orchestrator_data.repositories.base import Repository, coerce_uuid
@@ -43,15 +37,20 @@ class TaskRepository(Repository[Task]):
         """Tasks whose type or payload strings match ``query`` (full text)."""
         _checks.text("query", query, 1000)
         _checks.integer("limit", limit, 1, 1000)
+        _checks.optional_boolean("cached", cached)
+        clauses = self._where(filters)
         rows, _ = self._rows(
-            ("search", query, limit, filters), lambda: self._search(query, limit, filters), cached
+            ("search", query, limit, filters), lambda: self._search(query, limit, clauses), cached
         )
         return rows
 
-    def _search(self, query: str, limit: int, filters: dict[str, Any]) -> tuple[list[Task], None]:
+    def _search(
+        self, query: str, limit: int, clauses: list[ColumnElement[bool]]
+    ) -> tuple[list[Task], None]:
         tsquery = func.plainto_tsquery(literal_column("'simple'::regconfig"), query)
         stmt = (
-            self._select(filters)
+            select(Task)
+            .where(*clauses)
             .where(TASK_SEARCH_DOCUMENT.op("@@")(tsquery))
             .order_by(func.ts_rank(TASK_SEARCH_DOCUMENT, tsquery).desc(), Task.id)
             .limit(limit)
@@ -67,6 +66,7 @@ class TaskRepository(Repository[Task]):
         blocking on each other; the partial index on pending tasks serves it.
         """
         agent = coerce_uuid(agent_id, "agent_id")
+        wanted = None if types is None else self._check_each("types", types, "type")
         stmt = (
             select(Task)
             .where(Task.status == "pending")
@@ -74,8 +74,8 @@ class TaskRepository(Repository[Task]):
             .limit(1)
             .with_for_update(skip_locked=True)
         )
-        if types:
-            stmt = stmt.where(Task.type.in_(types))
+        if wanted:
+            stmt = stmt.where(Task.type.in_(wanted))
         task = self.session.scalars(stmt).first()
         if task is None:
             return None
@@ -86,15 +86,20 @@ class TaskRepository(Repository[Task]):
 
     def _filter(self, name: str, value: Any) -> ColumnElement[bool] | None:
         if name == "status":
-            if isinstance(value, str):
-                return Task.status == _checks.one_of(name, value, TASK_STATUSES)
-            return Task.status.in_([_checks.one_of(name, v, TASK_STATUSES) for v in value])
+            statuses = self._check_each(name, value)
+            if len(statuses) == 1:
+                return Task.status == str(statuses[0])
+            return Task.status.in_(statuses)
         if name == "type":
-            return Task.type == _checks.text(name, value, 100)
+            return self._equals(Task.type, name, value)
         if name == "agent_id":
-            return Task.agent_id == coerce_uuid(value, "agent_id")
+            return self._equals(Task.agent_id, name, value)
         if name == "priority_min":
-            return Task.priority >= _checks.integer(name, value, PRIORITY_MIN, PRIORITY_MAX)
+            return cast(
+                "ColumnElement[bool]", Task.priority >= self._check(name, value, "priority")
+            )
         if name == "priority_max":
-            return Task.priority <= _checks.integer(name, value, PRIORITY_MIN, PRIORITY_MAX)
+            return cast(
+                "ColumnElement[bool]", Task.priority <= self._check(name, value, "priority")
+            )
         return super()._filter(name, value)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from marshmallow import fields, validate
-
-from orchestrator_data.schemas.base import EntitySchema, IPAddress, JSONObject
+from orchestrator_data.models.session import Session
+from orchestrator_data.schemas.base import EntitySchema, JSONObject, field_for
 
 
 class SessionSchema(EntitySchema):
-    id = fields.UUID()
-    session_key = fields.String(required=True, validate=validate.Length(min=1, max=255))
-    user_id = fields.String(allow_none=True, validate=validate.Length(max=255))
+    id = field_for(Session.id)
+    session_key = field_for(Session.session_key, required=True, min_length=1)
+    user_id = field_for(Session.user_id)
     data = JSONObject()
-    ip_address = IPAddress(allow_none=True)
-    user_agent = fields.String(allow_none=True)
-    expires_at = fields.AwareDateTime(allow_none=True)
-    created_at = fields.AwareDateTime(dump_only=True)
-    updated_at = fields.AwareDateTime(dump_only=True)
+    ip_address = field_for(Session.ip_address)
+    user_agent = field_for(Session.user_agent)
+    expires_at = field_for(Session.expires_at)
+    created_at = field_for(Session.created_at, dump_only=True)
+    updated_at = field_for(Session.updated_at, dump_only=True)
