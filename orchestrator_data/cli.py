@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import getpass
 import logging
+import re
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from orchestrator_data.actor import SYSTEM, Actor
-from orchestrator_data.errors import OrchestratorDataError, ValidationError
+from orchestrator_data.errors import OrchestratorDataError, ValidationError, sqlstate_of
 
 if TYPE_CHECKING:
     from orchestrator_data.datalayer import DataLayer
@@ -47,7 +49,8 @@ def cli(ctx: click.Context, data_dir: str | None, verbose: bool) -> None:
         status.addHandler(logging.StreamHandler())
     status.setLevel(logging.INFO)
     status.propagate = False
-    ctx.obj = {"data_dir": data_dir}
+    # main() reads "verbose" back (it passes this dict in as obj) to decide on tracebacks.
+    ctx.ensure_object(dict).update(data_dir=data_dir, verbose=verbose)
 
 
 @cli.command()
@@ -287,15 +290,68 @@ def _data_layer(ctx: click.Context) -> Iterator[DataLayer]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``orchestrator-data``; package errors become one clear line."""
+    """Entry point of ``orchestrator-data``. Every expected failure (bad
+    arguments, an unreachable server, a revision alembic cannot reach, an
+    unmigrated database, any package error) is one line on stderr and a
+    non-zero exit; ``-v`` prints the traceback first."""
+    state: dict[str, object] = {}
     try:
-        cli.main(args=argv, prog_name="orchestrator-data", standalone_mode=False)
+        cli.main(args=argv, prog_name="orchestrator-data", standalone_mode=False, obj=state)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
+    except click.UsageError as err:
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        _fail(err.format_message() + where, err, state, exit_code=err.exit_code)
     except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+        _fail(err.format_message(), err, state, exit_code=err.exit_code)
     except OrchestratorDataError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+        _fail(str(err), err, state)
+    except Exception as err:
+        message = _expected_failure(err)
+        if message is None:
+            raise  # a bug: its traceback is what to report
+        _fail(message, err, state)
+
+
+#: SQLSTATEs of a schema that is missing or behind the code: undefined table,
+#: column, function, schema.
+_SCHEMA_MISSING = frozenset({"42P01", "42703", "42883", "3F000"})
+
+
+def _expected_failure(err: Exception) -> str | None:
+    """The line to print for an error that is not the package's but is still
+    expected (a schema not migrated, alembic refusing, Redis down), else ``None``.
+    Modules are looked up, not imported: only those in use can have raised."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else type(err).__name__
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(err, sa_exc.SQLAlchemyError):
+        from orchestrator_data.db.driver_errors import WITHHELD
+
+        # Driver text is scrubbed at the engine (no parameter values in it);
+        # the driver's class name and the withheld-details note are noise here.
+        first = re.sub(r"^\([\w.]+\) ", "", first).replace(WITHHELD, "").strip()
+        if sqlstate_of(err) in _SCHEMA_MISSING:
+            return (
+                f"the database schema is missing or older than this release ({first}): "
+                "run `orchestrator-data migrate up`"
+            )
+        return f"database: {first}"
+    alembic_exc = sys.modules.get("alembic.util.exc")
+    if alembic_exc is not None and isinstance(err, alembic_exc.CommandError):
+        return f"migration: {first}"
+    redis_exc = sys.modules.get("redis.exceptions")
+    if redis_exc is not None and isinstance(err, redis_exc.RedisError):
+        return f"redis: {first}"
+    return None
+
+
+def _fail(
+    message: str, err: BaseException, state: dict[str, object], exit_code: int = 1
+) -> NoReturn:
+    # One line, whatever the message holds; the traceback only with -v.
+    if state.get("verbose"):
+        traceback.print_exception(err)
+    click.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(exit_code)

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -134,18 +135,22 @@ class Settings:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 problems[name] = "must be a string"
-        if self.database_url:
+        if isinstance(self.database_url, str) and self.database_url:
             try:
                 url = make_url(self.database_url)
-            except ArgumentError:
+            except (ArgumentError, ValueError):  # ValueError: a bad port or IPv6 bracket
                 problems["database_url"] = "is not a valid database URL"
             else:
                 if not url.drivername.startswith("postgresql"):
                     problems["database_url"] = "must be a postgresql:// URL"
         for name in ("redis_url", "coordination_redis_url"):
             value = getattr(self, name)
-            if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            if not isinstance(value, str) or not value:
+                continue
+            if not value.startswith(("redis://", "rediss://", "unix://")):
                 problems[name] = "must start with redis://, rediss:// or unix://"
+            elif not _parses_as_redis_url(value):
+                problems[name] = "is not a valid Redis URL"
         if problems:
             detail = "; ".join(f"{k} {v}" for k, v in sorted(problems.items()))
             raise ConfigurationError(f"invalid settings: {detail}")
@@ -240,12 +245,38 @@ def sqlalchemy_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def redact_url(url: str) -> str:
-    """Render a database or Redis URL with any password replaced by ``***``."""
+def _parses_as_redis_url(url: str) -> bool:
+    # What redis-py's from_url reads: urllib's split, port and host.
     try:
-        parsed = make_url(url)
-    except ArgumentError:
+        parts = urlsplit(url)
+        _ = parts.port, parts.hostname
+    except ValueError:
+        return False
+    return True
+
+
+#: Query parameters that carry secrets: libpq's ``password`` and
+#: ``sslpassword``, redis-py's ``password``.
+SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+
+
+def redact_url(url: str) -> str:
+    """Render a database or Redis URL with any password replaced by ``***``:
+    the one in the user-info part (``user:pw@``) and ``?password=`` /
+    ``?sslpassword=`` query parameters, for every scheme (``unix://`` too).
+    Nothing else is re-encoded."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
         return "<unparseable url>"
-    if parsed.password is None:
-        return parsed.render_as_string(hide_password=False)
-    return parsed.render_as_string(hide_password=True)
+    netloc = parts.netloc
+    userinfo, at, hostinfo = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
+    query = "&".join(_redact_pair(pair) for pair in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _redact_pair(pair: str) -> str:
+    key, eq, _ = pair.partition("=")
+    return f"{key}=***" if eq and unquote_plus(key).lower() in SECRET_QUERY_KEYS else pair

@@ -39,6 +39,7 @@ from orchestrator_data.errors import (
     ConfigurationError,
     DatabaseTimeoutError,
     DatabaseUnavailableError,
+    MigrationError,
 )
 from orchestrator_data.metrics import Metrics
 from orchestrator_data.models import Achievement, Agent, Task
@@ -125,6 +126,11 @@ class DataLayer:
         if self.settings.warm_pool and self.settings.pool_min > 0:
             try:
                 warm_pool(self.engine, self.settings.pool_min)
+            except DatabaseUnavailableError:
+                # The engine's error handler has translated (and scrubbed) it.
+                self.engine.dispose()
+                self.cache.close()
+                raise
             except sa_exc.OperationalError as err:
                 self.engine.dispose()
                 self.cache.close()
@@ -163,18 +169,19 @@ class DataLayer:
             raise ConfigurationError(f"isolation must be one of {sorted(ISOLATION_LEVELS)}")
         session = factory()
         try:
-            # Check out the connection now, so a full pool fails here, clearly.
+            # Check out the connection now, so a full pool or a server that is
+            # down fails here, clearly (the engine's handle_error turns a
+            # refused or lost connection into DatabaseUnavailableError).
             session.connection()
-        except sa_exc.OperationalError as err:
-            session.close()
-            raise unavailable(err) from err
         except sa_exc.TimeoutError:
             session.close()
-            raise DatabaseTimeoutError(
-                f"no database connection became free within {self.settings.pool_timeout:g} s "
-                f"(pool_max={self.settings.pool_max}); raise pool_max or pool_timeout, "
-                "or hold units of work for less time"
-            ) from None
+            raise _pool_timeout(self.settings) from None
+        except sa_exc.DBAPIError as err:  # not translated by the engine: not expected
+            session.close()
+            raise unavailable(err) from None
+        except BaseException:
+            session.close()
+            raise
         uow = UnitOfWork(
             session,
             actor=actor or current_actor(),
@@ -189,9 +196,16 @@ class DataLayer:
                 outcome = "commit"
         except BaseException:
             outcome = "error"
+            try:
+                session.close()
+            except DatabaseUnavailableError:
+                # The connection died with the transaction, so there is nothing
+                # to roll back: report the error that ended the block, not this.
+                log.debug("rollback skipped: the database connection is gone")
             raise
+        else:
+            session.close()  # rolls back unless committed; may raise DatabaseUnavailableError
         finally:
-            session.close()
             self._outcomes[outcome].inc()
 
     def run_in_transaction(
@@ -302,30 +316,60 @@ class DataLayer:
         return cfg
 
     def migrate(self, revision: str = "head") -> None:
-        """Upgrade the database schema to ``revision`` (alembic)."""
+        """Upgrade the database schema to ``revision`` (alembic).
+
+        Raises :class:`MigrationError` for a revision alembic cannot reach,
+        :class:`DatabaseUnavailableError` / :class:`DatabaseTimeoutError`
+        when no connection can be had."""
         from alembic import command
 
         cfg = self._alembic_config()
-        with self.engine.begin() as conn:
+        with self._migration_errors("upgrade", revision), self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
 
     def downgrade(self, revision: str) -> None:
-        """Downgrade the database schema to ``revision`` (``base`` removes it all)."""
+        """Downgrade the database schema to ``revision`` (``base`` removes it all).
+
+        Raises :class:`MigrationError` for a revision alembic cannot reach
+        (``-1`` at base among them), :class:`DatabaseUnavailableError` /
+        :class:`DatabaseTimeoutError` when no connection can be had."""
         from alembic import command
 
         cfg = self._alembic_config()
-        with self.engine.begin() as conn:
+        with self._migration_errors("downgrade", revision), self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.downgrade(cfg, revision)
 
     def current_revision(self) -> str | None:
-        """The schema revision the database is at (``None`` if unmigrated)."""
+        """The schema revision the database is at (``None`` if unmigrated).
+
+        Raises :class:`DatabaseUnavailableError` / :class:`DatabaseTimeoutError`
+        when no connection can be had."""
         from alembic.runtime.migration import MigrationContext
 
-        with self.engine.connect() as conn:
+        with self._migration_errors("read the revision of", None), self.engine.connect() as conn:
             rev: str | None = MigrationContext.configure(conn).get_current_revision()
             return rev
+
+    @contextmanager
+    def _migration_errors(self, action: str, revision: str | None) -> Iterator[None]:
+        # alembic's refusals and the pool's timeout as package errors; refused
+        # or lost connections are already DatabaseUnavailableError (handle_error).
+        from alembic.util.exc import CommandError
+
+        try:
+            yield
+        except CommandError as err:
+            message = f"cannot {action} to revision {revision!r}: {err}"
+            if action == "downgrade" and self.current_revision() is None:
+                message = (
+                    f"cannot downgrade to revision {revision!r}: the database is at base "
+                    "(no migration applied), so there is nothing to roll back"
+                )
+            raise MigrationError(message) from None
+        except sa_exc.TimeoutError:
+            raise _pool_timeout(self.settings) from None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -355,15 +399,45 @@ class DataLayer:
         return f"<DataLayer {self.settings!r}>"
 
 
-def unavailable(err: sa_exc.DBAPIError) -> DatabaseUnavailableError:
-    """The error for a failed connection attempt: libpq's first line (which
-    names host and port, never the password)."""
-    reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+def unavailable(err: BaseException, *, lost: bool = False) -> DatabaseUnavailableError:
+    """The error for a refused connection attempt, or (``lost``) a connection
+    that died in use: libpq's first line (which names host and port, never the
+    password)."""
+    lines = str(getattr(err, "orig", err)).strip().splitlines()
+    reason = lines[0] if lines else type(err).__name__
+    if lost:
+        return DatabaseUnavailableError(
+            f"lost the connection to PostgreSQL: {reason} (the open transaction is gone; "
+            "if this was its COMMIT, whether it committed is unknown; "
+            "the pool reconnects once the server is back)"
+        )
     return DatabaseUnavailableError(f"cannot connect to PostgreSQL: {reason}")
 
 
+def _pool_timeout(settings: Settings) -> DatabaseTimeoutError:
+    return DatabaseTimeoutError(
+        f"no database connection became free within {settings.pool_timeout:g} s "
+        f"(pool_max={settings.pool_max}); raise pool_max or pool_timeout, "
+        "or hold units of work for less time"
+    )
+
+
 def _translate_error(context: Any) -> BaseException | None:
-    # The one place driver errors become package errors (by SQLSTATE).
-    if getattr(context, "is_pre_ping", False) or getattr(context, "is_disconnect", False):
-        return None
-    return driver_errors.translate(context.original_exception)
+    # The one place driver errors become package errors (by SQLSTATE). First
+    # the driver error and SQLAlchemy's wrapper lose every text that may quote
+    # a parameter value: whatever is raised from here chains to them.
+    original = context.original_exception
+    driver_errors.scrub(original, context.sqlalchemy_exception, statement=context.statement)
+    if getattr(context, "is_pre_ping", False):
+        return None  # the pool's own pre-ping must see the driver error
+    in_use = context.connection is not None
+    if driver_errors.is_unavailable(original) and in_use:
+        # libpq's own failure on a connection in use (no SQLSTATE): it is
+        # broken even when SQLAlchemy's list of messages does not say so.
+        context.is_disconnect = True
+    if context.is_disconnect or driver_errors.is_unavailable(original):
+        # SQLAlchemy still invalidates the connection, and the pool: every
+        # connection opened before is replaced on its next checkout, so the
+        # pool recovers by itself once the server is back.
+        return unavailable(original, lost=in_use)
+    return driver_errors.translate(original)

@@ -21,12 +21,20 @@ class ConfigurationError(OrchestratorDataError):
 class ValidationError(OrchestratorDataError):
     """Input failed validation; nothing was written.
 
-    ``messages`` maps each bad field to the list of problems found with it.
+    ``messages`` maps each bad field to the list of problems found with it;
+    ``sqlstate`` is PostgreSQL's code when the server refused the value.
     """
 
-    def __init__(self, messages: Mapping[str, Any], *, entity: str | None = None) -> None:
+    def __init__(
+        self,
+        messages: Mapping[str, Any],
+        *,
+        entity: str | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
         self.messages: dict[str, Any] = dict(messages)
         self.entity = entity
+        self.sqlstate = sqlstate
         self.fields: list[str] = sorted(self.messages)
         where = f"{entity}: " if entity else ""
         detail = "; ".join(
@@ -55,11 +63,23 @@ class NotFoundError(OrchestratorDataError):
 
 
 class ConflictError(OrchestratorDataError):
-    """A write conflicts with existing data (unique or foreign-key violation)."""
+    """A write conflicts with existing data (unique or foreign-key violation).
 
-    def __init__(self, message: str, *, sqlstate: str | None = None, constraint: str | None = None):
+    ``sqlstate``, ``constraint`` and ``table`` name what conflicted; the
+    message never quotes the values.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        constraint: str | None = None,
+        table: str | None = None,
+    ) -> None:
         self.sqlstate = sqlstate
         self.constraint = constraint
+        self.table = table
         super().__init__(message)
 
 
@@ -75,17 +95,33 @@ class RetryExhaustedError(OrchestratorDataError):
         )
 
 
+class ReadSkewError(OrchestratorDataError):
+    """A read-only unit of work would have returned results from two committed
+    states (a cached read, then a commit, then the database snapshot).
+    Retryable like a serialization failure: ``run_in_transaction`` re-runs it."""
+
+    #: Read by ``sqlstate_of``: retried as a serialization failure.
+    sqlstate = "40001"
+
+
 class UncapturedWriteError(OrchestratorDataError):
     """Plain SQL tried to write a tracked table through the session, where it
     would escape the audit trail and the cache invalidation."""
 
 
 class DatabaseUnavailableError(OrchestratorDataError):
-    """PostgreSQL could not be reached (refused, DNS, TLS, authentication)."""
+    """PostgreSQL could not be reached (refused, DNS, TLS, authentication), or
+    the connection was lost (server killed, restarted, network cut). The pool
+    reconnects by itself once the server is back."""
 
 
 class DatabaseTimeoutError(OrchestratorDataError):
     """A statement exceeded ``statement_timeout`` or the pool had no free connection in time."""
+
+
+class MigrationError(OrchestratorDataError):
+    """A schema migration could not run: an unknown revision, nothing to
+    downgrade, or another refusal of alembic's."""
 
 
 class LockNotAcquiredError(OrchestratorDataError):

@@ -7,11 +7,11 @@ import time
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, create_engine
+from sqlalchemy.engine import URL, Engine, create_engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
-from orchestrator_data.config import Settings, sqlalchemy_url
+from orchestrator_data.config import SECRET_QUERY_KEYS, Settings, sqlalchemy_url
 from orchestrator_data.errors import ConfigurationError
 from orchestrator_data.metrics import Metrics
 
@@ -27,13 +27,14 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     Creating it does not connect; :func:`warm_pool` does."""
     if not settings.database_url:
         raise ConfigurationError("database_url is not set (DATABASE_URL)")
-    url = sqlalchemy_url(settings.database_url)
+    url, secrets = _without_query_secrets(make_url(sqlalchemy_url(settings.database_url)))
     options = f"-c statement_timeout={int(settings.statement_timeout * 1000)}"
     connect_args: dict[str, Any] = {
         # libpq takes whole seconds and treats values below 2 as 2.
         "connect_timeout": max(2, round(settings.connect_timeout)),
         "application_name": settings.application_name,
         "options": options,
+        **secrets,
     }
     if settings.sslmode:
         connect_args["sslmode"] = settings.sslmode
@@ -56,6 +57,22 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     )
     _install_slow_query_log(engine, settings.slow_query_threshold, metrics)
     return engine
+
+
+def _without_query_secrets(url: URL) -> tuple[URL, dict[str, str]]:
+    # A ?password= (or ?sslpassword=) in DATABASE_URL would show in the
+    # engine's repr, which masks only the user-info password: the password
+    # becomes the URL's own (masked), the rest goes to connect_args.
+    secrets: dict[str, str] = {}
+    for key in SECRET_QUERY_KEYS & set(url.query):
+        value = url.query[key]
+        secrets[key] = value if isinstance(value, str) else value[-1]
+    if not secrets:
+        return url, {}
+    url = url.difference_update_query(secrets)
+    if "password" in secrets:
+        url = url.set(password=secrets.pop("password"))
+    return url, secrets
 
 
 def warm_pool(engine: Engine, count: int) -> None:
@@ -128,5 +145,17 @@ def _install_slow_query_log(engine: Engine, threshold: float, metrics: Metrics |
                 metrics.slow_queries.inc()
             # The statement text carries placeholders only; values are redacted.
             slow_log.warning(
-                "slow query: %.3f s: %s [parameters redacted]", elapsed, " ".join(statement.split())
+                "slow query: %.3f s: %s [parameters redacted]",
+                elapsed,
+                " ".join(_loggable(statement, context).split()),
             )
+
+
+def _loggable(statement: str, context: Any) -> str:
+    # psycopg2 fills the parameters in after this point, so ``statement`` has
+    # placeholders; only SQLAlchemy's literal_execute parameters are rendered
+    # into it, and then the compiled form (with their placeholders) is logged.
+    compiled = getattr(context, "compiled", None)
+    if compiled is not None and getattr(compiled, "literal_execute_params", None):
+        return str(compiled.string)
+    return statement

@@ -1,10 +1,12 @@
-"""Helpers shared by the embedded PostgreSQL and Redis: timeouts, pid files, messages."""
+"""Helpers shared by the embedded PostgreSQL and Redis: timeouts, pid files, private files,
+messages."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +18,10 @@ WAIT = str(int(TIMEOUT))
 
 
 NO_EXTRA = "install the 'embedded' extra (pip install 'orchestrator-data[embedded]'"
+
+#: Every file the embedded servers keep is readable by its owner only, every folder they create
+#: enterable by its owner only (the data folder itself: see ``lifecycle``).
+FILE_MODE, FOLDER_MODE = 0o600, 0o700
 
 
 logger = logging.getLogger("orchestrator_data.embedded")
@@ -54,10 +60,30 @@ def read_int(path: Path) -> int | None:
 # --- Redis -------------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, *, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` by a file holding ``text``, mode 0600 (and owned by ``owner``, a uid and
+    gid, when given) from the start: readers see the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    with open(os.open(tmp, flags, FILE_MODE), "w") as handle:
+        os.fchmod(handle.fileno(), FILE_MODE)  # a leftover of a killed run may have another mode
+        if owner is not None:
+            os.fchown(handle.fileno(), *owner)
+        handle.write(text)
     tmp.replace(path)
+
+
+def restrict(path: Path, mode: int) -> None:
+    """Take from ``path``, an entry the embedded servers made (possibly an earlier release, with
+    wider modes), every permission bit beyond ``mode``; nothing when it is missing or a link."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    current = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISLNK(info.st_mode) and current & ~mode:
+        logger.info("restricting %s to mode %o", path, current & mode)
+        path.chmod(current & mode)
 
 
 def prune_pid_list(path: Path, *, drop: int = 0) -> list[int]:

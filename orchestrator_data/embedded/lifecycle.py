@@ -7,7 +7,9 @@ import atexit
 import fcntl
 import json
 import os
+import pwd
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +19,15 @@ from pathlib import Path
 
 import redis
 
+from orchestrator_data.config import redact_url
 from orchestrator_data.embedded._common import (
+    FILE_MODE,
+    FOLDER_MODE,
     TIMEOUT,
     PostgresHandle,
     logger,
     prune_pid_list,
+    restrict,
     status,
     write_atomic,
 )
@@ -31,7 +37,12 @@ from orchestrator_data.embedded.postgres import (
     cluster_dir,
     postmaster_url,
 )
-from orchestrator_data.embedded.redis_server import running_redis_port, start_redis, stop_redis
+from orchestrator_data.embedded.redis_server import (
+    redis_url,
+    running_redis_port,
+    start_redis,
+    stop_redis,
+)
 from orchestrator_data.errors import EmbeddedServerError
 
 DEFAULT_DATA_DIR = Path(".orchestrator_data")
@@ -43,7 +54,8 @@ class EmbeddedServers:
 
     Returned by :func:`start_embedded`. Call :meth:`stop` once when done; handles still held
     are released when the interpreter exits. ``postgres_dir`` is the cluster of the PostgreSQL
-    major that runs (``postgres_major``), under ``data_dir``.
+    major that runs (``postgres_major``), under ``data_dir``. ``redis_url`` carries the Redis
+    password: the repr shows it redacted, and so should anything that prints it.
     """
 
     database_url: str
@@ -52,6 +64,13 @@ class EmbeddedServers:
     postgres_dir: Path
     postgres_major: int
     _token: int = field(default=0, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddedServers(database_url={redact_url(self.database_url)!r}, "
+            f"redis_url={redact_url(self.redis_url)!r}, data_dir={self.data_dir!r}, "
+            f"postgres_dir={self.postgres_dir!r}, postgres_major={self.postgres_major!r})"
+        )
 
     def stop(self) -> None:
         """Release this handle; the last handle on a cluster stops that PostgreSQL, the last
@@ -79,10 +98,11 @@ def start_embedded(data_dir: str | Path | None = None) -> EmbeddedServers:
     """
     root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser().resolve()
     server = choose_postgres()  # the major decides the cluster; a bad setting fails here
-    (root / "redis").mkdir(parents=True, exist_ok=True)
+    _make_data_folder(root, server)
     with _locked(root):
+        _restrict_ours(root)
         pgdata = cluster_dir(root, server.major)
-        pgdata.mkdir(exist_ok=True)
+        pgdata.mkdir(mode=FOLDER_MODE, exist_ok=True)
         held = _held(root)
         _claim(_folder_handles(root))
         try:
@@ -99,10 +119,51 @@ def start_embedded(data_dir: str | Path | None = None) -> EmbeddedServers:
         token = next(_tokens)
         handle.tokens[token] = pgdata
         database_url = postmaster_url(pgdata)
+        url = redis_url(root / "redis", port)
     if database_url is None:  # pragma: no cover - the backends only return once it is ready
         raise EmbeddedServerError(f"embedded PostgreSQL in {pgdata} is not ready")
-    redis_url = f"redis://127.0.0.1:{port}/0"
-    return EmbeddedServers(database_url, redis_url, root, pgdata, server.major, token)
+    return EmbeddedServers(database_url, url, root, pgdata, server.major, token)
+
+
+# --- the folder: private to the user who runs the servers --------------------------------------
+
+
+def _make_data_folder(root: Path, server: PostgresServer) -> None:
+    """Create ``root`` when missing: 0700, or, when running as root (PostgreSQL then runs as
+    another user, who must pass through to its cluster), 0710 with the server user's group.
+    A folder that exists keeps its mode (everything the servers keep in it is private).
+    Missing folders above it are made as ``mkdir -p`` makes them."""
+    if root.is_dir():
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    user = server.run_as(root / f"pg{server.major}")  # a new folder has no cluster yet
+    if user is None:
+        root.mkdir(mode=FOLDER_MODE, exist_ok=True)
+        return
+    # Made aside and renamed into place, so that no other process starting at the same time
+    # sees the folder before its group and mode are set.
+    made = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        os.chown(made, -1, pwd.getpwnam(user).pw_gid)
+        made.chmod(0o710)
+        made.rename(root)  # an empty folder made meanwhile is replaced, a used one is not
+    except OSError:
+        if not root.is_dir():
+            raise
+    finally:
+        if made.is_dir():
+            made.rmdir()
+
+
+def _restrict_ours(root: Path) -> None:
+    """Files and folders of earlier releases were made world-readable: restrict them."""
+    for path in (root / ".lock", *root.glob(".handles*.json")):
+        restrict(path, FILE_MODE)
+    redis_dir = root / "redis"
+    redis_dir.mkdir(mode=FOLDER_MODE, exist_ok=True)
+    restrict(redis_dir, FOLDER_MODE)
+    for path in redis_dir.iterdir():
+        restrict(path, FOLDER_MODE if path.is_dir() else FILE_MODE)
 
 
 # --- handles: per process in memory, across processes in .handles*.json ---------------------
@@ -185,7 +246,7 @@ def _release_all() -> None:
 def _locked(root: Path) -> Iterator[None]:
     # flock belongs to the open file description, so threads of one process exclude each other
     # too; a process that dies releases it with its descriptors.
-    with open(root / ".lock", "a") as lock:
+    with open(os.open(root / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE), "a") as lock:
         deadline = time.monotonic() + 2 * TIMEOUT
         while True:
             try:

@@ -1,16 +1,26 @@
-"""The embedded PostgreSQL: pgserver, or initdb/pg_ctl binaries found on the machine.
+"""The embedded PostgreSQL: the server bundled in pgserver, or initdb/pg_ctl found on the machine.
 
 :func:`choose_postgres` settles which server will run, and so its major version, before any
 data directory is chosen; :func:`cluster_dir` gives each major its own cluster in the folder.
+Either way this module runs ``initdb`` and ``pg_ctl`` itself (pgserver only provides the
+binaries: its own start-up widens folders up to ``/`` and trusts every local connection).
+
+Only the OS user who starts it can connect: no TCP listener; the unix socket in the cluster
+folder (0700), or, when that path is too long for a socket, in a fresh ``mkdtemp`` folder of
+``/tmp`` (0700, owned by the server's user); and peer authentication, the kernel naming the
+connecting user, through ``pg_ident.conf``'s ``orchestrator`` map, which lets that user (and the
+server's own) in as the database user ``postgres`` and nobody else. ``pg_hba.conf`` and
+``pg_ident.conf`` are written at every start, so a cluster made with ``trust`` by an earlier
+release is switched over the first time it starts; one already running is switched with a
+reload when its socket is private, and refused, with how to stop it, when it is not.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
-import hashlib
-import logging
+import importlib.util
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -18,15 +28,13 @@ import stat
 import subprocess
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import quote
 
 from orchestrator_data.embedded._common import (
+    FOLDER_MODE,
     NO_EXTRA,
     PG_MODE_ENV,
     TIMEOUT,
@@ -34,15 +42,32 @@ from orchestrator_data.embedded._common import (
     PostgresHandle,
     logger,
     pid_alive,
-    prune_pid_list,
     status,
     tail,
+    write_atomic,
 )
 from orchestrator_data.errors import EmbeddedServerError
 
 #: The cluster folder of the releases before one cluster per major; still used when it holds the
 #: major of the server that runs.
 LEGACY_CLUSTER = "pg"
+#: The OS accounts an embedded PostgreSQL runs as when started by root (the server refuses to run
+#: as root), in order of preference; an existing cluster keeps its owner. Earlier releases ran
+#: pgserver's clusters as ``pgserver``.
+SERVER_USERS = ("postgres", "pgserver")
+#: Prefix of the private socket folders made in /tmp for clusters whose own path is too long.
+SOCKET_PREFIX = "orchestrator-pg-"
+SOCKET_PARENT = Path("/tmp")  # noqa: S108 - mkdtemp folders: 0700, names no one can take first
+IDENT_MAP = "orchestrator"
+_HEADER = (
+    "# Written by orchestrator_data at each start of this embedded PostgreSQL: edits are lost.\n"
+)
+HBA = (
+    _HEADER + "# Unix socket only (listen_addresses is empty), in a folder only its owner enters;\n"
+    f"# only the OS users of pg_ident.conf's {IDENT_MAP} map may log in, as the roles it names.\n"
+    f"local all all peer map={IDENT_MAP}\n"
+    f"local replication all peer map={IDENT_MAP}\n"
+)
 
 
 @dataclass(frozen=True)
@@ -52,36 +77,34 @@ class PostgresServer:
     kind: str
     bindir: Path
     major: int
-    _pgserver: Any = field(default=None, repr=False, compare=False)
 
     def open(self, pgdata: Path) -> PostgresHandle:
         """Start (or join) this server on the cluster ``pgdata``, creating the cluster if new."""
         _clear_dead_postmaster(pgdata)
-        if self._pgserver is not None:
-            return _PgserverPostgres(self._pgserver, pgdata, self.major)
-        return _BinariesPostgres(pgdata, self.bindir, self.major)
+        return _Cluster(pgdata, self)
+
+    def run_as(self, pgdata: Path) -> str | None:
+        """The OS user the server of ``pgdata`` runs as, when it is not this process's: None
+        unless running as root (the cluster's owner, or the first of :data:`SERVER_USERS`)."""
+        return _server_user(pgdata) if os.geteuid() == 0 else None
 
 
 def choose_postgres() -> PostgresServer:
-    """The server :envvar:`ORCHESTRATOR_EMBEDDED_PG` asks for: ``pgserver`` when it imports
+    """The server :envvar:`ORCHESTRATOR_EMBEDDED_PG` asks for: ``pgserver`` when installed
     (``auto``, the default) or is forced, else the machine's binaries; nothing starts yet."""
     mode = os.environ.get(PG_MODE_ENV, "").strip().lower() or "auto"
     if mode not in {"auto", "pgserver", "binaries"}:
         raise EmbeddedServerError(f"{PG_MODE_ENV} must be auto, pgserver or binaries, not {mode!r}")
     if mode != "binaries":
-        try:
-            with warnings.catch_warnings():
-                # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback is fine
-                warnings.simplefilter("ignore")
-                import pgserver
-        except ImportError:
-            if mode == "pgserver":
-                raise EmbeddedServerError(
-                    f"pgserver is not installed: {NO_EXTRA}, Python <= 3.12), or set DATABASE_URL"
-                ) from None
-        else:
-            bindir = Path(pgserver._commands.POSTGRES_BIN_PATH)
-            return PostgresServer("pgserver", bindir, server_major(bindir), pgserver)
+        # Its binaries only: importing pgserver would set up its runtime folder and lock.
+        spec = importlib.util.find_spec("pgserver")
+        bindir = Path(spec.origin).parent / "pginstall" / "bin" if spec and spec.origin else None
+        if bindir is not None and (bindir / "postgres").is_file():
+            return PostgresServer("pgserver", bindir, server_major(bindir))
+        if mode == "pgserver":
+            raise EmbeddedServerError(
+                f"pgserver is not installed: {NO_EXTRA}, Python <= 3.12), or set DATABASE_URL"
+            )
     bindir = _find_pg_bindir()
     return PostgresServer("binaries", bindir, server_major(bindir))
 
@@ -147,34 +170,6 @@ def _reusing(pgdata: Path, major: int) -> None:
     status.info("reusing embedded PostgreSQL %d in %s", major, pgdata)
 
 
-_pgserver_debug = logging.getLogger("orchestrator_data.embedded.pgserver")
-
-
-class _PgserverAtDebug(logging.Filter):
-    """pgserver logs each command line and its whole output at INFO (logger ``pgserver``): drop
-    those records and pass them on at DEBUG as ``orchestrator_data.embedded.pgserver``; its
-    warnings and errors go through unchanged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        if _pgserver_debug.isEnabledFor(logging.DEBUG):
-            fields = {"name": _pgserver_debug.name, "levelno": logging.DEBUG, "levelname": "DEBUG"}
-            _pgserver_debug.handle(logging.makeLogRecord({**record.__dict__, **fields}))
-        return False
-
-
-@contextmanager
-def _pgserver_at_debug() -> Iterator[None]:
-    # Only around our own calls into pgserver: other users of pgserver in the process keep theirs.
-    pgserver_logger, quiet = logging.getLogger("pgserver"), _PgserverAtDebug()
-    pgserver_logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        pgserver_logger.removeFilter(quiet)
-
-
 class _Postmaster(NamedTuple):
     pid: int
     port: int
@@ -214,90 +209,136 @@ def _clear_dead_postmaster(pgdata: Path) -> None:
     if info is not None and not pid_alive(info.pid):
         logger.info("removing postmaster.pid of dead server %d in %s", info.pid, pgdata)
         (pgdata / "postmaster.pid").unlink(missing_ok=True)
+        _remove_socket_dir(info)
 
 
-class _PgserverPostgres:
-    """PostgreSQL run by ``pgserver``, which refcounts its own handles in the pgdata."""
-
-    def __init__(self, pgserver: Any, pgdata: Path, major: int) -> None:
-        self._cls = pgserver.postgres_server.PostgresServer
-        self._pgdata = pgdata
-        self._prune_handles()
-        since: float | None = None
-        if postmaster_url(pgdata) is not None:
-            _reusing(pgdata, major)
-        else:
-            since = _starting(pgdata, major)
-        try:
-            with _pgserver_at_debug():
-                self._server = pgserver.get_server(pgdata, cleanup_mode="stop")
-        except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
-            # pgserver registered the half-made server; a later try must not be handed it back.
-            broken = self._cls._instances.pop(pgdata, None)
-            if broken is not None:
-                atexit.unregister(broken._cleanup)
-            raise EmbeddedServerError(
-                f"pgserver could not start PostgreSQL {major} in {pgdata} ({type(exc).__name__}); "
-                f"last lines of {pgdata / 'log'}: {tail(pgdata / 'log')}"
-            ) from exc
-        # Our handle owns the lifecycle: release() runs pgserver's cleanup, not its atexit hook.
-        atexit.unregister(self._server._cleanup)
-        if since is not None:
-            _ready(major, since)
-
-    def _prune_handles(self) -> None:
-        # pgserver never forgets a pid, so a killed process would keep its server up forever.
-        with self._cls._lock:
-            prune_pid_list(self._pgdata / ".handle_pids.json")
-
-    def release(self, *, last: bool) -> None:
-        self._prune_handles()
-        if last:
-            logger.info("stopping embedded PostgreSQL in %s", self._pgdata)
-        with _pgserver_at_debug():
-            self._server.cleanup()  # with cleanup_mode="stop": pg_ctl stop when no pid is left
-        # get_server() hands back a cached instance without re-registering our pid; drop it.
-        self._cls._instances.pop(self._pgdata, None)
+def _remove_socket_dir(info: _Postmaster) -> None:
+    """Remove the private /tmp socket folder the server ``info`` describes used, if it had one."""
+    folder = Path(info.socket_dir) if info.socket_dir else None
+    if (
+        folder is not None
+        and folder.parent == SOCKET_PARENT
+        and folder.name.startswith(SOCKET_PREFIX)
+    ):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-class _BinariesPostgres:
-    """A private cluster run with the ``initdb`` and ``pg_ctl`` installed on the machine."""
+class _Cluster:
+    """A private cluster run with ``initdb`` and ``pg_ctl`` (pgserver's or the machine's)."""
 
-    def __init__(self, pgdata: Path, bindir: Path, major: int) -> None:
-        self._pgdata = pgdata
-        self._bindir = bindir
-        self._user = _pg_system_user(pgdata) if os.geteuid() == 0 else None
+    def __init__(self, pgdata: Path, server: PostgresServer) -> None:
+        self._pgdata, self._bindir, self._major = pgdata, server.bindir, server.major
+        self._user = server.run_as(pgdata)
+        self._owner: tuple[int, int] | None = None
         if self._user is not None:
-            _make_owned_by(pgdata, self._user)
+            entry = pwd.getpwnam(self._user)
+            self._owner = (entry.pw_uid, entry.pw_gid)
+            if not (pgdata / "PG_VERSION").exists():
+                os.chown(pgdata, *self._owner)
+                pgdata.chmod(FOLDER_MODE)
+            _check_reachable(self._user, pgdata, self._bindir)
         if postmaster_url(pgdata) is not None:
-            _reusing(pgdata, major)
+            self._check_running()
+            _reusing(pgdata, server.major)
             return
-        since = _starting(pgdata, major)
+        since = _starting(pgdata, server.major)
         if not (pgdata / "PG_VERSION").exists():
-            logger.info("initialising embedded PostgreSQL in %s with %s", pgdata, bindir)
-            self._run(
-                "initdb", "--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-locale"
-            )
-        socket_dir = shlex.quote(str(self._socket_dir()))
-        logger.info("pg_ctl start of %s with %s", pgdata, bindir)
-        options = f"-c listen_addresses='' -k {socket_dir}"  # unix socket only, no TCP
-        self._run("pg_ctl", "-w", "-t", WAIT, "-l", str(pgdata / "log"), "-o", options, "start")
-        _ready(major, since)
+            logger.info("initialising embedded PostgreSQL in %s with %s", pgdata, self._bindir)
+            # pg_hba.conf is replaced below; reject rather than initdb's default of trust
+            # should anything start on initdb's own.
+            args = ["--username=postgres", "--encoding=UTF8", "--auth-local=peer"]
+            args += ["--auth-host=reject"]
+            if server.kind == "binaries":  # pgserver's clusters take the environment's locale
+                args.append("--no-locale")
+            self._run("initdb", *args)
+        self._write_authentication()
+        socket_dir = self._socket_dir()
+        logger.info("pg_ctl start of %s with %s", pgdata, self._bindir)
+        options = "-c listen_addresses='' -c unix_socket_permissions=0700"  # no TCP; owner only
+        options += f" -k {shlex.quote(str(socket_dir))}"
+        try:
+            self._run("pg_ctl", "-w", "-t", WAIT, "-l", str(pgdata / "log"), "-o", options, "start")
+        except EmbeddedServerError:
+            if socket_dir != pgdata:
+                shutil.rmtree(socket_dir, ignore_errors=True)
+            raise
+        _ready(server.major, since)
 
     def release(self, *, last: bool) -> None:
-        if last and _read_postmaster(self._pgdata) is not None:
+        info = _read_postmaster(self._pgdata)
+        if last and info is not None:
             logger.info("stopping embedded PostgreSQL in %s", self._pgdata)
             self._run("pg_ctl", "-w", "-t", WAIT, "-m", "fast", "stop")
+            _remove_socket_dir(info)
+
+    def _check_running(self) -> None:
+        """A server already running on the cluster (another process's, possibly an earlier
+        release's): its socket must be private; its authentication is switched to ours."""
+        info = _read_postmaster(self._pgdata)
+        folder = Path(info.socket_dir) if info is not None and info.socket_dir else None
+        if folder is None or not self._private(folder):
+            where = f"its socket in {folder}" if folder is not None else "a TCP listener"
+            stop = f"{self._bindir / 'pg_ctl'} -D {self._pgdata} stop"
+            if self._user is not None:
+                stop = f"runuser -u {self._user} -- {stop}"
+            raise EmbeddedServerError(
+                f"embedded PostgreSQL in {self._pgdata} runs with {where}, which other local users "
+                f"can reach (an earlier release started it): end the programs using it, or run "
+                f"'{stop}', and start again"
+            )
+        if self._authentication() != self._read_authentication():
+            logger.warning(
+                "embedded PostgreSQL in %s runs with another release's authentication (trust, "
+                "before this one); switching it to peer authentication", self._pgdata,
+            )  # fmt: skip
+            self._write_authentication()
+            self._run("pg_ctl", "reload")
+
+    def _private(self, folder: Path) -> bool:
+        """Whether ``folder`` is a real folder that only this process's user or the server's
+        can enter."""
+        try:
+            info = folder.lstat()
+        except OSError:
+            return False
+        owners = {os.geteuid()} | ({self._owner[0]} if self._owner is not None else set())
+        return (
+            stat.S_ISDIR(info.st_mode)
+            and not stat.S_IMODE(info.st_mode) & 0o077
+            and info.st_uid in owners
+        )
+
+    def _authentication(self) -> tuple[str, str]:
+        """What ``pg_hba.conf`` and ``pg_ident.conf`` hold: peer authentication through the
+        socket for this process's OS user and the server's, as any role (PostgreSQL >= 16; 15
+        and before can map a user to named roles only, so to ``postgres``)."""
+        users = [_user_name(os.geteuid())]
+        if self._user is not None and self._user not in users:
+            users.append(self._user)
+        roles = "all" if self._major >= 16 else "postgres"
+        ident = _HEADER + "".join(f"{IDENT_MAP} {user} {roles}\n" for user in users)
+        return HBA, ident
+
+    def _read_authentication(self) -> tuple[str, str] | None:
+        try:
+            hba = (self._pgdata / "pg_hba.conf").read_text()
+            return hba, (self._pgdata / "pg_ident.conf").read_text()
+        except OSError:
+            return None
+
+    def _write_authentication(self) -> None:
+        hba, ident = self._authentication()
+        write_atomic(self._pgdata / "pg_hba.conf", hba, owner=self._owner)
+        write_atomic(self._pgdata / "pg_ident.conf", ident, owner=self._owner)
 
     def _socket_dir(self) -> Path:
-        # A unix socket path must fit in ~104 bytes; long folders get a private one in /tmp.
+        # A unix socket path must fit in ~104 bytes; long folders get a private one in /tmp,
+        # made afresh (mkdtemp: 0700, a name no one can take first) at each start.
         if len(str(self._pgdata / ".s.PGSQL.65535")) < 100:
             return self._pgdata
-        digest = hashlib.sha256(str(self._pgdata).encode()).hexdigest()[:12]
-        path = Path(tempfile.gettempdir()) / f"orchestrator-pg-{digest}"
-        path.mkdir(mode=0o700, exist_ok=True)
-        if self._user is not None:
-            _chown(path, self._user)
+        path = Path(tempfile.mkdtemp(prefix=SOCKET_PREFIX, dir=SOCKET_PARENT))
+        if self._owner is not None:
+            os.chown(path, *self._owner)
         return path
 
     def _run(self, tool: str, *args: str) -> None:
@@ -336,35 +377,55 @@ def _find_pg_bindir() -> Path:
     )
 
 
-def _pg_system_user(pgdata: Path) -> str:
-    """The unprivileged account to run PostgreSQL as: the cluster's owner, else ``postgres``."""
-    import pwd
-
-    owner = pgdata.stat().st_uid
-    if owner != 0 and (pgdata / "PG_VERSION").exists():
-        return pwd.getpwuid(owner).pw_name
+def _server_user(pgdata: Path) -> str:
+    """The unprivileged account to run PostgreSQL as: the cluster's owner, else the first of
+    :data:`SERVER_USERS` that exists."""
     try:
-        return pwd.getpwnam("postgres").pw_name
+        owner = pgdata.stat().st_uid
+    except FileNotFoundError:
+        owner = 0
+    if owner != 0 and (pgdata / "PG_VERSION").exists():
+        return _user_name(owner)
+    for name in SERVER_USERS:
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            continue
+    raise EmbeddedServerError(
+        "embedded PostgreSQL cannot run as root and there is no 'postgres' user; "
+        "create one or set DATABASE_URL"
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
         raise EmbeddedServerError(
-            "embedded PostgreSQL cannot run as root and there is no 'postgres' user; "
-            "create one or set DATABASE_URL"
+            f"the OS user {uid} has no name, which PostgreSQL's peer authentication needs; "
+            "set DATABASE_URL"
         ) from None
 
 
-def _make_owned_by(pgdata: Path, user: str) -> None:
-    if not (pgdata / "PG_VERSION").exists():
-        _chown(pgdata, user)
-        pgdata.chmod(0o700)
-    for parent in pgdata.parents:  # the server must be able to reach its data directory
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            logger.info("adding the search permission to %s for user %s", parent, user)
-            parent.chmod(mode | stat.S_IXOTH)
+_FIRST_CLOSED = 'for d do [ -x "$d" ] || { printf %s "$d"; exit 1; }; done'
 
 
-def _chown(path: Path, user: str) -> None:
-    import pwd
-
-    entry = pwd.getpwnam(user)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
+def _check_reachable(user: str, *paths: Path) -> None:
+    """Raise, naming the folder, unless ``user`` can enter each of ``paths`` (and so every
+    folder above them): no folder's permissions are changed to let it through."""
+    folders: list[Path] = []
+    for path in paths:
+        folders += [f for f in (*reversed(path.parents), path) if f not in folders]
+    command = ["runuser", "-u", user, "--", "/bin/sh", "-c", _FIRST_CLOSED, "sh"]
+    result = subprocess.run(  # noqa: S603 - our own argument list, the folders as arguments
+        [*command, *map(str, folders)], stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, cwd="/", timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    if result.returncode == 0:
+        return
+    closed = result.stdout or f"one of {', '.join(map(str, folders))} ({result.stderr.strip()})"
+    raise EmbeddedServerError(
+        f"embedded PostgreSQL runs as the user {user}, who cannot enter {closed}: let it pass "
+        f"(setfacl -m u:{user}:x {closed}, for instance), choose a data folder it can reach, "
+        "or set DATABASE_URL"
+    )

@@ -271,6 +271,11 @@ def app_role(data_layer: DataLayer) -> Iterator[str]:
         conn.execute(text(f"GRANT ALL PRIVILEGES ON ALL TABLES IN SCHEMA public TO {name}"))
         conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {name}"))
     try:
+        # The embedded PostgreSQL 15 (peer authentication) lets the OS user
+        # log in as postgres only: no second role to test with there.
+        probe = psql(data_layer, name, "SELECT 1")
+        if probe.returncode != 0 and "authentication failed" in probe.stderr:
+            pytest.skip("this server lets the test log in as no role but its own")
         yield name
     finally:
         with data_layer.engine.begin() as conn:
@@ -284,7 +289,8 @@ def psql(dl: DataLayer, role: str, sql: str) -> subprocess.CompletedProcess[str]
     url = dl.engine.url
     exe = shutil.which("psql")
     assert exe is not None
-    command = [exe, "-X", "-v", "ON_ERROR_STOP=1", "-h", url.host or "127.0.0.1"]
+    host = url.host or str(url.query.get("host") or "127.0.0.1")  # a socket folder, embedded
+    command = [exe, "-X", "-v", "ON_ERROR_STOP=1", "-h", host]
     command += ["-p", str(url.port or 5432), "-U", role, "-d", url.database or "", "-c", sql]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 

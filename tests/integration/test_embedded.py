@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -41,8 +42,11 @@ s.stop()
 
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
-    # Under /tmp with a short name: the PostgreSQL unix socket path must stay short.
+    # Under /tmp with a short name: the PostgreSQL unix socket path must stay short. mkdtemp
+    # makes it 0700, which PostgreSQL's own user could not enter when the tests run as root (and
+    # the embedded servers change no folder they did not make): open it as mkdir would.
     path = Path(tempfile.mkdtemp(prefix="oe-", dir="/tmp"))
+    path.chmod(0o755)
     yield path
     _kill_leftovers(path)
     shutil.rmtree(path, ignore_errors=True)
@@ -69,9 +73,15 @@ def _postmasters(pgdata: Path) -> list[str]:
     return [args for _, args in _processes() if f" -D {pgdata} " in f"{args} "]
 
 
+def _redis_port(redis_url: str) -> int:
+    port = urlsplit(redis_url).port
+    assert port is not None, "no port in the Redis URL"
+    return port
+
+
 def _redis_servers(redis_url: str) -> list[str]:
     # redis-server rewrites its title to "redis-server 127.0.0.1:<port>"
-    title = "redis-server " + redis_url.removeprefix("redis://").removesuffix("/0")
+    title = f"redis-server 127.0.0.1:{_redis_port(redis_url)}"
     return [args for _, args in _processes() if args.startswith(title) or f"/{title}" in args]
 
 
@@ -166,14 +176,19 @@ def test_start_connect_stop(data_dir: Path) -> None:
     assert _version(servers).startswith(f"PostgreSQL {servers.postgres_major}.")
     assert (servers.data_dir / "redis" / "port").exists()
     assert servers.database_url.startswith("postgresql+psycopg2://postgres@")
-    assert servers.redis_url.startswith("redis://127.0.0.1:")
+    assert re.fullmatch(r"redis://:[\w-]{43}@127\.0\.0\.1:\d+/0", servers.redis_url)
     assert _query(servers.database_url, "select 1") == 1
     assert _redis_ping(servers.redis_url)
     with _redis(servers.redis_url) as client:
-        config = client.config_get("*")
-    assert (config["appendonly"], config["appendfsync"]) == ("yes", "everysec")
-    assert config["maxmemory"] == str(512 * 1024 * 1024)
-    assert config["maxmemory-policy"] == "noeviction"
+        info = client.info("persistence") | client.info("memory")
+        # CONFIG is renamed away (tests/integration/test_embedded_security.py): read the file.
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            client.config_get("*")
+    assert info["aof_enabled"] == 1
+    assert info["maxmemory"] == 512 * 1024 * 1024
+    assert info["maxmemory_policy"] == "noeviction"
+    config = (servers.data_dir / "redis" / "redis.conf").read_text().splitlines()
+    assert {"appendonly yes", "appendfsync everysec", 'save ""'} <= set(config)
 
     servers.stop()
     _assert_stopped(servers)
@@ -417,7 +432,7 @@ def test_the_cli_says_what_starts_and_when_it_is_ready(data_dir: Path) -> None:
     # Servers already running: one line each.
     held = start_embedded(data_dir)
     try:
-        port = held.redis_url.removeprefix("redis://127.0.0.1:").removesuffix("/0")
+        port = _redis_port(held.redis_url)
         again = _cli("--data-dir", str(data_dir), "migrate", "status").stderr.splitlines()
         assert again == [
             f"reusing embedded Redis on 127.0.0.1:{port}",
