@@ -90,6 +90,10 @@ class Settings:
     # decides what "down" means. The coordination client keeps the
     # redis_* timeouts and retries above.
     cache_command_timeout: float = 0.25
+    # Named rate limits: name -> (limit, window seconds), for
+    # dl.rate_limiter.hit(name, subject). From the environment as
+    # ORCHESTRATOR_RATE_LIMITS="api=100/60,login=5/300".
+    rate_limits: Mapping[str, tuple[int, float]] = field(default_factory=dict)
     # L2 fills sent but not yet acknowledged by Redis; beyond this they are dropped.
     cache_fill_queue: int = 10_000
     # Embedded servers (CLI / tests only).
@@ -129,6 +133,10 @@ class Settings:
             problems["l1_max_entries"] = "must be >= 1"
         if self.cache_fill_queue < 1:
             problems["cache_fill_queue"] = "must be >= 1"
+        if not _valid_rate_limits(self.rate_limits):
+            problems["rate_limits"] = (
+                "must map names to (limit, window): a positive whole number and positive seconds"
+            )
         if self.default_isolation.upper() not in ISOLATION_LEVELS:
             problems["default_isolation"] = f"must be one of {sorted(ISOLATION_LEVELS)}"
         for name in ("database_url", "redis_url", "coordination_redis_url"):
@@ -190,7 +198,7 @@ class Settings:
         ):
             if env.get(env_name):
                 values[key] = env[env_name]
-        simple = {f.name: f for f in fields(cls) if f.name != "ttls"}
+        simple = {f.name: f for f in fields(cls) if f.name not in ("ttls", "rate_limits")}
         ttl_fields = {f.name: f for f in fields(CacheTTLs)}
         for env_name, raw in env.items():
             if not env_name.startswith("ORCHESTRATOR_") or env_name in NOT_SETTINGS:
@@ -198,6 +206,8 @@ class Settings:
             name = env_name[len("ORCHESTRATOR_") :].lower()
             if name.startswith("ttl_") and name[4:] in ttl_fields:
                 ttl_values[name[4:]] = _coerce(env_name, raw, int)
+            elif name == "rate_limits":
+                values[name] = _parse_rate_limits(env_name, raw)
             elif name in simple:
                 default = simple[name].default
                 kind: type = type(default) if default is not None else str
@@ -207,6 +217,38 @@ class Settings:
         if ttl_values:
             values["ttls"] = CacheTTLs(**ttl_values)
         return cls(**values)
+
+
+def _valid_rate_limits(value: object) -> bool:
+    if not isinstance(value, Mapping):
+        return False
+    for name, pair in value.items():
+        if not isinstance(name, str) or not name or not isinstance(pair, (tuple, list)):
+            return False
+        if len(pair) != 2:
+            return False
+        limit, window = pair
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            return False
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
+            return False
+    return True
+
+
+def _parse_rate_limits(env_name: str, raw: str) -> dict[str, tuple[int, float]]:
+    """``"api=100/60,login=5/300"`` as ``{"api": (100, 60.0), "login": (5, 300.0)}``."""
+    limits: dict[str, tuple[int, float]] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        name, _, spec = part.partition("=")
+        limit, _, window = spec.partition("/")
+        try:
+            limits[name.strip()] = (int(limit), float(window))
+        except ValueError:
+            raise ConfigurationError(
+                f"{env_name} must be name=limit/seconds pairs separated by commas "
+                "(e.g. api=100/60,login=5/300)"
+            ) from None
+    return limits
 
 
 #: ``ORCHESTRATOR_*`` variables read elsewhere, not Settings fields.

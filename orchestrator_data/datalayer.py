@@ -4,6 +4,7 @@ the Redis clients and the hooks from Settings, and hands out units of work."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -31,6 +32,9 @@ from orchestrator_data.cache.stats import CacheCollector
 from orchestrator_data.capture.change_capture import ChangeCapture
 from orchestrator_data.capture.session import CapturedSession
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
+from orchestrator_data.coordination.locks import Lock, LockScripts
+from orchestrator_data.coordination.presence import AgentPresence
+from orchestrator_data.coordination.rate_limit import RateLimiter
 from orchestrator_data.correlation import current_correlation_id
 from orchestrator_data.db import driver_errors
 from orchestrator_data.db.engine import build_engine, warm_pool
@@ -83,6 +87,9 @@ class DataLayer:
         self._factories: dict[tuple[str, bool], sessionmaker[OrmSession]] = {}
         self._redis: Redis | None = None
         self._coordination_redis: Redis | None = None
+        self._lock_scripts: LockScripts | None = None
+        self._rate_limiter: RateLimiter | None = None
+        self._agent_state: AgentPresence | None = None
         self.cache = Cache(
             self.settings,
             self.redis if self.settings.redis_url else None,
@@ -301,6 +308,68 @@ class DataLayer:
             retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError] if retries else [],
             health_check_interval=30,
         )
+
+    # -- coordination ------------------------------------------------------------
+
+    def lock(
+        self,
+        name: str,
+        ttl: float | None = None,
+        blocking_timeout: float | None = None,
+        auto_renew: bool = False,
+        on_lost: Callable[[Lock], object] | None = None,
+    ) -> Lock:
+        """A distributed lock on the coordination Redis (see
+        :mod:`orchestrator_data.coordination.locks`): ``with dl.lock(name) as
+        lock: ...``, or ``lock.acquire()`` / ``lock.release()``. ``ttl``
+        defaults to ``ttls.lock`` (30 s); ``blocking_timeout`` None waits
+        forever; ``lock.fence`` is its fencing token, for ``uow.fence(lock)``."""
+        if self._lock_scripts is None:
+            self._lock_scripts = LockScripts(self.coordination_redis)
+        return Lock(
+            self._lock_scripts,
+            name,
+            prefix=self.settings.key_prefix,
+            ttl=self.settings.ttls.lock if ttl is None else ttl,
+            blocking_timeout=blocking_timeout,
+            auto_renew=auto_renew,
+            on_lost=on_lost,
+        )
+
+    @property
+    def rate_limiter(self) -> RateLimiter:
+        """Sliding-window rate limits on the coordination Redis (see
+        :mod:`orchestrator_data.coordination.rate_limit`); named limits come
+        from ``Settings.rate_limits``."""
+        if self._rate_limiter is None:
+            self._rate_limiter = RateLimiter(
+                self.coordination_redis,
+                prefix=self.settings.key_prefix,
+                named=self.settings.rate_limits,
+                default_window=float(self.settings.ttls.rate_limit),
+            )
+        return self._rate_limiter
+
+    @property
+    def agent_state(self) -> AgentPresence:
+        """Agent presence on the coordination Redis (see
+        :mod:`orchestrator_data.coordination.presence`); a changed status is
+        written to the ``agents`` table in a unit of work acting as the agent."""
+        if self._agent_state is None:
+
+            def write_status(agent_id: uuid.UUID, status: str) -> None:
+                self.run_in_transaction(
+                    lambda uow: uow.agents.update(agent_id, status=status),
+                    actor=Actor("agent", str(agent_id)),
+                )
+
+            self._agent_state = AgentPresence(
+                self.coordination_redis,
+                prefix=self.settings.key_prefix,
+                ttl=self.settings.ttls.agent_state,
+                write_status=write_status,
+            )
+        return self._agent_state
 
     # -- migrations ----------------------------------------------------------
 

@@ -7,6 +7,7 @@ Repositories flush but never commit.
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Protocol
 
 from sqlalchemy.orm import Session as OrmSession
 
@@ -17,6 +18,7 @@ from orchestrator_data.capture.session_info import (
     INFO_ISOLATION,
     INFO_READ_ONLY,
 )
+from orchestrator_data.errors import LockLostError
 from orchestrator_data.repositories import (
     AchievementRepository,
     AgentRepository,
@@ -24,6 +26,17 @@ from orchestrator_data.repositories import (
     SessionRepository,
     TaskRepository,
 )
+from orchestrator_data.repositories.fences import record_fence
+
+
+class Fenced(Protocol):
+    """What :meth:`UnitOfWork.fence` needs of a lock: its name and token."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fence(self) -> int | None: ...
 
 
 class UnitOfWork:
@@ -70,6 +83,20 @@ class UnitOfWork:
     @cached_property
     def audit(self) -> AuditLogRepository:
         return AuditLogRepository(session=self.session)
+
+    def fence(self, lock: Fenced | str, token: int | None = None) -> int:
+        """Record the fencing token of ``lock`` (a held ``dl.lock(...)``, or a
+        lock name and its ``token``) in this transaction, so that it
+        commits only if no later holder of the lock has fenced a write:
+        :class:`~orchestrator_data.LockLostError` otherwise. Call it before
+        the writes the lock protects; returns the token."""
+        if isinstance(lock, str):
+            name, value = lock, token
+        else:
+            name, value = lock.name, lock.fence if token is None else token
+        if value is None:
+            raise LockLostError(f"lock {name!r} has no fencing token: acquire it first")
+        return record_fence(self.session, name, value)
 
     def commit(self) -> None:
         """Commit the transaction. Work after a commit starts a new transaction

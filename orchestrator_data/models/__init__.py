@@ -13,6 +13,7 @@ from orchestrator_data.models.agent import AGENT_STATUSES, Agent
 from orchestrator_data.models.audit_log import AUDIT_ACTIONS, AuditLog
 from orchestrator_data.models.base import Base, to_dict
 from orchestrator_data.models.indexes import AGENT_SEARCH_DOCUMENT, TASK_SEARCH_DOCUMENT
+from orchestrator_data.models.lock_fence import LockFence
 from orchestrator_data.models.session import Session
 from orchestrator_data.models.task import PRIORITY_MAX, PRIORITY_MIN, TASK_STATUSES, Task
 
@@ -37,6 +38,7 @@ __all__ = [
     "Agent",
     "AuditLog",
     "Base",
+    "LockFence",
     "Session",
     "Task",
     "to_dict",

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 #: The newest migration, and the one before it.
-HEAD, PREVIOUS = "005", "004"
+HEAD, PREVIOUS = "006", "005"
 
 
 @pytest.fixture
@@ -51,7 +51,14 @@ def test_upgrade_downgrade_upgrade_and_no_drift(empty_database: str) -> None:
     with DataLayer(Settings(database_url=empty_database, warm_pool=False)) as dl:
         dl.migrate()
         assert dl.current_revision() == HEAD
-        assert _tables(dl) == {"agents", "tasks", "sessions", "audit_logs", "achievements"}
+        assert _tables(dl) == {
+            "agents",
+            "tasks",
+            "sessions",
+            "audit_logs",
+            "achievements",
+            "lock_fences",
+        }
         dl.downgrade("base")
         assert dl.current_revision() is None
         assert _tables(dl) == set()
