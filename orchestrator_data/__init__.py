@@ -28,6 +28,8 @@ from orchestrator_data.errors import (
     OrchestratorDataError,
     RateLimitedError,
     RetryExhaustedError,
+    SessionConflictError,
+    SessionStoreUnavailableError,
     UncapturedWriteError,
     ValidationError,
 )
@@ -63,6 +65,8 @@ __all__ = [
     "Page",
     "RateLimitedError",
     "RetryExhaustedError",
+    "SessionConflictError",
+    "SessionStoreUnavailableError",
     "Settings",
     "UncapturedWriteError",
     "UnitOfWork",

@@ -235,6 +235,23 @@ def audit_show(ctx: click.Context, resource_id: str, resource_type: str | None, 
             click.echo(line)
 
 
+@cli.group()
+def sessions() -> None:
+    """The session store: purge the durable copies of expired sessions."""
+
+
+@sessions.command("purge")
+@click.pass_context
+def sessions_purge(ctx: click.Context) -> None:
+    """Delete expired sessions from PostgreSQL (each deletion audited);
+    their Redis keys expire by their own TTL."""
+    from orchestrator_data.actor import acting_as
+
+    with _data_layer(ctx) as dl, acting_as(_cli_actor()):
+        count = dl.session_store.purge_expired()
+    click.echo(f"purged {count} expired session{'' if count == 1 else 's'}")
+
+
 def _resource_type(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     from orchestrator_data.models import RESOURCE_TYPES
 

@@ -35,6 +35,7 @@ from orchestrator_data.config import ISOLATION_LEVELS, Settings
 from orchestrator_data.coordination.locks import Lock, LockScripts
 from orchestrator_data.coordination.presence import AgentPresence
 from orchestrator_data.coordination.rate_limit import RateLimiter
+from orchestrator_data.coordination.sessions import SessionStore
 from orchestrator_data.correlation import current_correlation_id
 from orchestrator_data.db import driver_errors
 from orchestrator_data.db.engine import build_engine, warm_pool
@@ -90,6 +91,7 @@ class DataLayer:
         self._lock_scripts: LockScripts | None = None
         self._rate_limiter: RateLimiter | None = None
         self._agent_state: AgentPresence | None = None
+        self._session_store: SessionStore | None = None
         self.cache = Cache(
             self.settings,
             self.redis if self.settings.redis_url else None,
@@ -370,6 +372,20 @@ class DataLayer:
                 write_status=write_status,
             )
         return self._agent_state
+
+    @property
+    def session_store(self) -> SessionStore:
+        """The session store on the coordination Redis (see
+        :mod:`orchestrator_data.coordination.sessions`): idle TTL
+        ``ttls.session``, durable copy in the ``sessions`` table."""
+        if self._session_store is None:
+            self._session_store = SessionStore(
+                self.coordination_redis,
+                run=self.run_in_transaction,
+                prefix=self.settings.key_prefix,
+                ttl=self.settings.ttls.session,
+            )
+        return self._session_store
 
     # -- migrations ----------------------------------------------------------
 

@@ -124,6 +124,19 @@ class MigrationError(OrchestratorDataError):
     downgrade, or another refusal of alembic's."""
 
 
+class SessionStoreUnavailableError(OrchestratorDataError):
+    """A session write could not reach the coordination Redis (the live copy)."""
+
+
+class SessionConflictError(ConflictError):
+    """``update(..., expected_version=n)`` found another version: ``current``."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        self.expected = expected
+        self.current = current
+        super().__init__(f"session changed: version {current}, expected {expected}")
+
+
 class LockNotAcquiredError(OrchestratorDataError):
     """A distributed lock could not be acquired within its blocking timeout."""
 

@@ -9,8 +9,9 @@ from sqlalchemy import ColumnElement, delete
 
 from orchestrator_data.models import Session
 from orchestrator_data.repositories import _checks
-from orchestrator_data.repositories.base import Repository
-from orchestrator_data.schemas import SessionSchema
+from orchestrator_data.repositories.base import Repository, _schema
+from orchestrator_data.schemas import SessionSchema, rules
+from orchestrator_data.schemas.base import field_value
 
 
 class SessionRepository(Repository[Session]):
@@ -53,3 +54,16 @@ class SessionRepository(Repository[Session]):
                 else (Session.expires_at.is_(None) | (Session.expires_at >= now))
             )
         return super()._filter(name, value)
+
+
+#: Size limit of a session's data, in characters of its compact JSON text.
+MAX_DATA_SIZE = rules.MAX_JSON_SIZE
+
+
+def check_field(field: str, value: Any, *, name: str | None = None) -> Any:
+    """``value`` checked by the rules the session schema's ``field`` applies
+    on create and update (``ip_address``, ``user_id``, ``data``, ...), for
+    callers that validate before anything is sent (the session store); a
+    :class:`~orchestrator_data.ValidationError` naming ``name`` (default
+    ``field``) otherwise."""
+    return field_value(_schema(SessionSchema), field, value, name=name or field, entity="session")

@@ -14,5 +14,6 @@ class SessionSchema(EntitySchema):
     ip_address = field_for(Session.ip_address)
     user_agent = field_for(Session.user_agent)
     expires_at = field_for(Session.expires_at)
+    version = field_for(Session.version, dump_only=True)
     created_at = field_for(Session.created_at, dump_only=True)
     updated_at = field_for(Session.updated_at, dump_only=True)

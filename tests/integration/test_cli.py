@@ -8,10 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from fixtures.pytest_plugin import Servers
-from orchestrator_data import Actor, DataLayer, Settings
+from orchestrator_data import Actor, CacheTTLs, DataLayer, Settings
 from orchestrator_data.audit.retention import prune_audit_log
 
 
@@ -122,3 +124,25 @@ def test_demo_in_a_pipe_prints_the_report_alone_and_this_runs_leaderboard(
     assert board, second
     # Only the second run's agents, though the first run's have points too.
     assert all(name.startswith(f"demo-{run_id}-agent-") for name in board)
+
+
+def test_sessions_purge_deletes_expired_sessions(
+    data_layer: DataLayer,
+    make_data_layer: Callable[..., DataLayer],
+    od_database_url: str,
+    od_servers: Servers,
+    od_settings: Settings,
+) -> None:
+    dl = make_data_layer(ttls=CacheTTLs(session=1), warm_pool=False)
+    dl.session_store.create("user-1", {"cart": 1})
+    dl.session_store.create("user-2", {"cart": 2})
+    time.sleep(1.3)  # expired, and past the tenth of the TTL the purge allows for
+    env = {
+        **servers_env(od_database_url, od_servers),
+        "ORCHESTRATOR_KEY_PREFIX": od_settings.key_prefix,
+        "ORCHESTRATOR_TTL_SESSION": "1",
+    }
+    out = run_cli(env, "sessions", "purge")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "purged 2 expired sessions"
+    assert run_cli(env, "sessions", "purge").stdout.strip() == "purged 0 expired sessions"

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 #: The newest migration, and the one before it.
-HEAD, PREVIOUS = "006", "005"
+HEAD, PREVIOUS = "007", "006"
 
 
 @pytest.fixture
