@@ -10,7 +10,8 @@ and against the peer libraries, interleaved in one run.
 - contended hand-off (release -> the waiting holder runs), p50 and p99: ours
   (signal list) vs redis-py ``Lock`` (polls every 100 ms);
 - rate-limit hit: ours vs one raw ``EVALSHA`` of the same script, and
-  ``limits``' moving window and sliding window counter.
+  ``limits``' moving window and sliding window counter;
+- session get: ours vs a raw ``GETEX`` + JSON decode.
 
 Targets: each of ours <= 1.2x its raw counterpart; hand-off p50 <= 2 ms;
 rate-limit hit no slower than the fastest ``limits`` strategy.
@@ -20,6 +21,7 @@ Peers come from the ``bench`` extra; a missing one is skipped.
 from __future__ import annotations
 
 import itertools
+import json
 import secrets
 import statistics
 import threading
@@ -28,11 +30,10 @@ import uuid
 from collections.abc import Callable
 
 import redis
-from _common import interleaved_us, iterations, print_table
+from _common import bench_database, interleaved_us, iterations, print_table
 
 from orchestrator_data import DataLayer, Settings
 from orchestrator_data.coordination import locks, rate_limit
-from orchestrator_data.embedded.servers import resolve_settings
 
 RAW_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -75,9 +76,7 @@ def handoff_ms(make_lock: Callable[[], object], rounds: int) -> tuple[float, flo
 
 
 def main() -> None:
-    with resolve_settings() as base:
-        assert base.database_url
-        assert base.redis_url
+    with bench_database("od_bench_coord") as base:
         prefix = f"bench:{uuid.uuid4().hex[:8]}:"
         settings = Settings(
             database_url=base.database_url,
@@ -183,6 +182,20 @@ def main() -> None:
         # Fewer hits: the moving window keeps every hit of the window.
         limited = interleaved_us(hits, iterations=iterations(2000))
 
+        # -- session get -------------------------------------------------------------
+        store = dl.session_store
+        session = store.create("bench-user", {"cart": [1, 2, 3], "theme": "dark"})
+        raw_key = f"{prefix}{{session:raw}}"
+        client.set(raw_key, json.dumps({"user_id": "bench-user", "data": {"cart": [1, 2, 3]}}))
+
+        def ours_get() -> None:
+            store.get(session.key)
+
+        def raw_get() -> None:
+            json.loads(client.getex(raw_key, ex=3600) or b"{}")
+
+        gets = interleaved_us({"raw": raw_get, "ours": ours_get}, iterations=iterations(4000))
+
         rows = [
             ("raw SET NX PX + Lua release", cycle["raw"], "raw", 1.0),
             ("ours acquire+release", cycle["ours"], "raw", cycle["ours"] / cycle["raw"]),
@@ -211,6 +224,13 @@ def main() -> None:
             "Rate-limit hit",
             [(name, us, "raw EVALSHA", us / base_hit) for name, us in limited.items()],
         )
+        print_table(
+            "Session get (slides the TTL)",
+            [
+                ("raw GETEX + JSON decode", gets["raw"], "raw", 1.0),
+                ("ours session_store.get", gets["ours"], "raw", gets["ours"] / gets["raw"]),
+            ],
+        )
         peers = [us for name, us in limited.items() if name.startswith("limits")]
         fastest = min(peers) if peers else float("nan")
         print(
@@ -218,7 +238,8 @@ def main() -> None:
             f"fenced acquire <= 1.2x raw ({fenced['ours'] / fenced['raw']:.2f}x), "
             f"hand-off p50 <= 2 ms ({ours_p50:.2f} ms), "
             f"rate-limit hit <= 1.2x raw ({limited['ours'] / base_hit:.2f}x) and "
-            f"<= fastest limits strategy ({limited['ours'] / fastest:.2f}x of it)"
+            f"<= fastest limits strategy ({limited['ours'] / fastest:.2f}x of it), "
+            f"session get <= 1.2x raw ({gets['ours'] / gets['raw']:.2f}x)"
         )
         for lock in held:
             lock.release()

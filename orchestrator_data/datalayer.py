@@ -32,6 +32,7 @@ from orchestrator_data.cache.stats import CacheCollector
 from orchestrator_data.capture.change_capture import ChangeCapture
 from orchestrator_data.capture.session import CapturedSession
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
+from orchestrator_data.coordination.events import Events, TransactionEvents, install_change_events
 from orchestrator_data.coordination.locks import Lock, LockScripts
 from orchestrator_data.coordination.presence import AgentPresence
 from orchestrator_data.coordination.rate_limit import RateLimiter
@@ -130,6 +131,14 @@ class DataLayer:
             ttl=self.settings.ttls.metrics,
         )
         self.stats.install(self.changes)
+        # Events on the coordination Redis; uow.events publish after the
+        # commit, after the caches above were invalidated.
+        self.events = Events(lambda: self.coordination_redis, prefix=self.settings.key_prefix)
+        outbox = TransactionEvents(self.events)
+        for factory in self._factories.values():
+            outbox.install(factory)
+        if self.settings.effective_coordination_redis_url:
+            install_change_events(self.changes, self.events)
         self.awards = Awards()
         self._closed = False
         if self.settings.warm_pool and self.settings.pool_min > 0:
@@ -463,6 +472,7 @@ class DataLayer:
         if self._closed:
             return
         self._closed = True
+        self.events.close()
         self.cache.close()
         self.engine.dispose()
         for client in (self._redis, self._coordination_redis):

@@ -7,7 +7,7 @@ Repositories flush but never commit.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.orm import Session as OrmSession
 
@@ -27,6 +27,9 @@ from orchestrator_data.repositories import (
     TaskRepository,
 )
 from orchestrator_data.repositories.fences import record_fence
+
+if TYPE_CHECKING:
+    from orchestrator_data.coordination.events import UnitOfWorkEvents
 
 
 class Fenced(Protocol):
@@ -83,6 +86,13 @@ class UnitOfWork:
     @cached_property
     def audit(self) -> AuditLogRepository:
         return AuditLogRepository(session=self.session)
+
+    @cached_property
+    def events(self) -> UnitOfWorkEvents:
+        """``uow.events.publish(channel, payload)``: sent after the commit, dropped on rollback."""
+        from orchestrator_data.coordination.events import outbox
+
+        return outbox(self.session)
 
     def fence(self, lock: Fenced | str, token: int | None = None) -> int:
         """Record the fencing token of ``lock`` (a held ``dl.lock(...)``, or a

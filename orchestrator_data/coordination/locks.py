@@ -131,8 +131,10 @@ class Lock:
         self._token: str | None = None
         #: The fencing token of the current (or last) acquisition.
         self.fence: int | None = None
-        self._lost = threading.Event()
-        self._stop = threading.Event()
+        # Plain flags, and the watchdog's Event only when there is one: an
+        # uncontended acquire+release should cost two round trips, little else.
+        self._lost = False
+        self._stop: threading.Event | None = None
         self._watchdog: threading.Thread | None = None
 
     # -- acquire / release ---------------------------------------------------
@@ -182,7 +184,7 @@ class Lock:
         released = self._scripts.release(
             keys=[self._key, self._signal_key], args=[token, signal_ttl]
         )
-        if not released or self._lost.is_set():
+        if not released or self._lost:
             raise LockLostError(f"lock {self.name!r} was lost before its release (lease expired?)")
 
     def extend(self, ttl: float | None = None) -> None:
@@ -211,7 +213,7 @@ class Lock:
     @property
     def lost(self) -> bool:
         """True once the watchdog (or :meth:`extend`) found the lock gone."""
-        return self._lost.is_set()
+        return self._lost
 
     # -- context manager -----------------------------------------------------
 
@@ -244,19 +246,22 @@ class Lock:
     def _held(self, token: str, fence: int) -> None:
         self._token = token
         self.fence = fence
-        self._lost.clear()
-        self._stop.clear()
+        self._lost = False
         if self.auto_renew:
+            self._stop = stop = threading.Event()
             self._watchdog = threading.Thread(
-                target=self._renew, args=(token,), name=f"lock-watchdog-{self.name}", daemon=True
+                target=self._renew,
+                args=(token, stop),
+                name=f"lock-watchdog-{self.name}",
+                daemon=True,
             )
             self._watchdog.start()
 
-    def _renew(self, token: str) -> None:
+    def _renew(self, token: str, stop: threading.Event) -> None:
         interval = self.ttl / 3
         ms = max(1, int(self.ttl * 1000))
         expires = time.monotonic() + self.ttl
-        while not self._stop.wait(interval):
+        while not stop.wait(interval):
             try:
                 extended = self._scripts.extend(keys=[self._key], args=[token, ms])
             except RedisError as err:
@@ -271,9 +276,9 @@ class Lock:
             expires = time.monotonic() + self.ttl
 
     def _mark_lost(self) -> None:
-        if self._lost.is_set():
+        if self._lost:
             return
-        self._lost.set()
+        self._lost = True
         log.warning("lock %r was lost (key gone or taken)", self.name)
         if self.on_lost is not None:
             try:
@@ -282,7 +287,8 @@ class Lock:
                 log.exception("on_lost callback of lock %r failed", self.name)
 
     def _stop_watchdog(self) -> None:
-        self._stop.set()
+        if self._stop is not None:
+            self._stop.set()
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None and watchdog is not threading.current_thread():
             watchdog.join(self.ttl)
