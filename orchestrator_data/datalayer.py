@@ -32,8 +32,10 @@ from orchestrator_data.cache.stats import CacheCollector
 from orchestrator_data.capture.change_capture import ChangeCapture
 from orchestrator_data.capture.session import CapturedSession
 from orchestrator_data.config import ISOLATION_LEVELS, Settings
-from orchestrator_data.coordination.events import Events, TransactionEvents, install_change_events
+from orchestrator_data.coordination.change_events import install_change_events
+from orchestrator_data.coordination.events import Events
 from orchestrator_data.coordination.locks import Lock, LockScripts
+from orchestrator_data.coordination.outbox import TransactionEvents
 from orchestrator_data.coordination.presence import AgentPresence
 from orchestrator_data.coordination.rate_limit import RateLimiter
 from orchestrator_data.coordination.sessions import SessionStore

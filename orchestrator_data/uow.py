@@ -29,7 +29,7 @@ from orchestrator_data.repositories import (
 from orchestrator_data.repositories.fences import record_fence
 
 if TYPE_CHECKING:
-    from orchestrator_data.coordination.events import UnitOfWorkEvents
+    from orchestrator_data.coordination.outbox import UnitOfWorkEvents
 
 
 class Fenced(Protocol):
@@ -90,7 +90,7 @@ class UnitOfWork:
     @cached_property
     def events(self) -> UnitOfWorkEvents:
         """``uow.events.publish(channel, payload)``: sent after the commit, dropped on rollback."""
-        from orchestrator_data.coordination.events import outbox
+        from orchestrator_data.coordination.outbox import outbox
 
         return outbox(self.session)
 

@@ -21,7 +21,7 @@ from sqlalchemy import update
 
 from fixtures.own_servers import OwnRedis
 from orchestrator_data import DataLayer, ValidationError
-from orchestrator_data.coordination.events import (
+from orchestrator_data.coordination.change_events import (
     ACHIEVEMENT_AWARDED,
     AGENT_STATUS,
     TASK_STATUS,

@@ -5,38 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import inspect, text
 
-from fixtures.pytest_plugin import RETENTION_ROLE, Servers
+from fixtures.pytest_plugin import RETENTION_ROLE
 from orchestrator_data import DataLayer, Settings
-from orchestrator_data.config import sqlalchemy_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 #: The newest migration, and the one before it.
 HEAD, PREVIOUS = "007", "006"
-
-
-@pytest.fixture
-def empty_database(od_servers: Servers) -> Iterator[str]:
-    admin_url = make_url(sqlalchemy_url(od_servers.database_url))
-    name = f"od_mig_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _tables(dl: DataLayer) -> set[str]:

@@ -24,13 +24,11 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from fixtures.own_servers import free_port
 from fixtures.pytest_plugin import Servers
 from orchestrator_data import DatabaseUnavailableError, DataLayer, Settings
-from orchestrator_data.config import sqlalchemy_url
 from orchestrator_data.errors import MigrationError
 
 
@@ -242,22 +240,6 @@ def assert_one_line(out: subprocess.CompletedProcess[str], said: str, code: int 
     assert "Traceback" not in out.stderr
 
 
-@pytest.fixture
-def unmigrated_url(od_servers: Servers) -> Iterator[str]:
-    """An empty database of its own on the shared server, dropped after."""
-    admin_url = make_url(sqlalchemy_url(od_servers.database_url))
-    name = f"od_test_empty_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=0)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def test_cli_unreachable_server_is_one_line(od_servers: Servers) -> None:
     env = {
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
@@ -272,9 +254,9 @@ def test_cli_unreachable_server_is_one_line(od_servers: Servers) -> None:
 
 
 def test_cli_bad_revisions_and_unmigrated_database(
-    unmigrated_url: str, od_servers: Servers
+    empty_database: str, od_servers: Servers
 ) -> None:
-    env = {"DATABASE_URL": unmigrated_url, "REDIS_URL": od_servers.redis_url}
+    env = {"DATABASE_URL": empty_database, "REDIS_URL": od_servers.redis_url}
     assert_one_line(run_cli(env, "migrate", "down"), "nothing to roll back")
     assert_one_line(run_cli(env, "migrate", "up", "999"), "'999'")
     assert_one_line(
