@@ -121,9 +121,13 @@ class DataLayer:
             self.changes.install(factory)
             event.listen(factory, "after_transaction_create", self.cache.after_transaction_create)
             event.listen(factory, "after_transaction_end", self.cache.after_transaction_end)
+            event.listen(factory, "do_orm_execute", self.cache.do_orm_execute)
         # Invalidation happens after the outermost COMMIT only; a rollback
         # (savepoint included) leaves nothing queued (see capture/change_capture.py).
         self.changes.on_commit(self.cache.on_commit)
+        # Invalidations lost while Redis is away are logged in PostgreSQL and
+        # delivered by every process (see cache/journal.py).
+        self.cache.install(self.changes, self.engine)
         self.audit_trail = AuditTrail(self.changes) if self.settings.audit_enabled else None
         self.stats = StatsCache(
             redis=self.redis if self.settings.redis_url else None,

@@ -3,7 +3,11 @@
 PostgreSQL is the truth; Redis only spares the aggregate queries. Entries
 live ``Settings.ttls.metrics`` (1 h) and are invalidated after every commit
 that changes achievements. Redis being down never fails a read: it falls
-back to PostgreSQL.
+back to PostgreSQL; so does a command Redis refuses (without opening the
+breaker), and so does a value that is not one this class wrote (garbage, a
+points total that is not a non-negative integer, a leaderboard of another
+shape): it is counted in :attr:`StatsCache.corrupt`, deleted, and never
+returned.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import cast
 
 from redis import Redis
 from sqlalchemy import select
@@ -46,6 +49,20 @@ if (now == false and seen == '') or now == seen then
 end
 return 0
 """
+
+# Bump the version (replacing one that is not a counter), then drop the value.
+_INVALIDATE = """
+if type(redis.pcall('INCR', KEYS[2])) == 'table' then
+    redis.call('DEL', KEYS[2])
+    redis.call('INCR', KEYS[2])
+end
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+#: Longest decimal a cached points total may have.
+_MAX_DIGITS = 18
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,9 @@ class StatsCache:
         # invalidated as soon as the breaker closes again.
         self._missed: set[uuid.UUID] = set()
         self._missed_lock = threading.Lock()
+        #: Cached values found corrupt (deleted and read from PostgreSQL instead).
+        self.corrupt = 0
+        self._invalidate_script = redis.register_script(_INVALIDATE) if redis is not None else None
         breaker.add_listener(self._breaker_changed)
 
     # -- keys ------------------------------------------------------------------
@@ -103,7 +123,9 @@ class StatsCache:
         key = self.agent_key(ident)
         cached, version = self._get(key)
         if cached is not None:
-            return int(cached)
+            if cached.isdigit() and len(cached) <= _MAX_DIGITS:
+                return int(cached)
+            self._corrupt(key, "not a points total")
         with self._reader() as uow:
             points = uow.achievements.points_of(ident)
         self._fill(key, version, str(points).encode())
@@ -116,8 +138,10 @@ class StatsCache:
         key = self.leaderboard_key()
         cached, version = self._get(key)
         if cached is not None:
-            rows = json.loads(cached)
-            return [LeaderboardEntry(uuid.UUID(i), n, p) for i, n, p in rows[:limit]]
+            board = _parse_leaderboard(cached)
+            if board is not None:
+                return board[:limit]
+            self._corrupt(key, "not a leaderboard")
         entries = self._leaderboard_from_db(LEADERBOARD_SIZE)
         payload = json.dumps([[str(e.agent_id), e.name, e.points] for e in entries])
         self._fill(key, version, payload.encode())
@@ -140,14 +164,14 @@ class StatsCache:
             ids |= self._missed
             self._missed = set()
         keys = [self.agent_key(i) for i in ids] + [self.leaderboard_key()]
+        script = self._invalidate_script
+        assert script is not None
 
         def send() -> None:
             pipe = client.pipeline(transaction=False)
             for key in keys:
                 # Version first: a reader between the two commands cannot fill.
-                pipe.incr(key + ":version")
-                pipe.expire(key + ":version", self._ttl * 2)
-                pipe.delete(key)
+                script(keys=[key, key + ":version"], args=[self._ttl * 2], client=pipe)
             pipe.execute()
 
         try:
@@ -212,7 +236,18 @@ class StatsCache:
         except Unavailable:
             return None, None
         # The client is built without decode_responses: values are bytes.
-        return cast("bytes | None", value), cast("bytes | None", version)
+        if value is not None and not isinstance(value, bytes):
+            value = b""  # not ours: corrupt
+        if not isinstance(version, bytes):
+            version = None
+        return value, version
+
+    def _corrupt(self, key: str, what: str) -> None:
+        self.corrupt += 1  # not atomic: a metric
+        log.warning("deleting a corrupt cached value at %s (%s)", key, what)
+        client = self._redis
+        if client is not None:
+            self._breaker.call(lambda: client.delete(key), None)
 
     def _fill(self, key: str, version: bytes | None, value: bytes) -> None:
         """Cache ``value`` unless ``key`` was invalidated since ``version`` was read."""
@@ -224,3 +259,25 @@ class StatsCache:
             self._breaker.execute(lambda: client.eval(_FILL, 2, *args))
         except Unavailable:
             return
+
+
+def _parse_leaderboard(data: bytes) -> list[LeaderboardEntry] | None:
+    """The cached leaderboard, or None if ``data`` is not one."""
+    try:
+        rows = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(rows, list):
+        return None
+    out: list[LeaderboardEntry] = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 3):
+            return None
+        ident, name, points = row
+        if not (isinstance(ident, str) and isinstance(name, str) and type(points) is int):
+            return None
+        try:
+            out.append(LeaderboardEntry(uuid.UUID(ident), name, points))
+        except ValueError:
+            return None
+    return out

@@ -9,11 +9,15 @@ run under the backend's lock, refuses fills that an invalidation overtook.
 ``orchestrator_data.redis`` (L2): Redis through a client the DataLayer built
 (its retry and timeout settings), values as bytes from the region's JSON
 serializer, a TTL on every key. Every call goes through a circuit breaker:
-while Redis is down a get is a miss and a set is dropped, without waiting.
+while Redis is down a get is a miss and a set is dropped, without waiting; a
+command Redis refuses is a miss too, without opening the breaker. A value
+that is not one dogpile wrote (garbage bytes, a foreign format) is a miss:
+it is deleted and reported to ``on_corrupt``, never raised.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,15 +59,17 @@ class LRUBackend(CacheBackend):
         self._clock = time.monotonic
 
     def get(self, key: KeyType) -> Any:
-        try:
-            with self.lock:
-                entry = self._lru[key]
-        except KeyError:
-            return NO_VALUE
-        if entry[0] < self._clock():
-            self.delete(key)
-            return NO_VALUE
-        return entry[1]
+        with self.lock:
+            try:
+                entry = self._lru[key]  # one lookup (LRUCache.get makes two)
+            except KeyError:
+                return NO_VALUE
+            if entry[0] < self._clock():
+                # Under the same lock as the lookup: a fresh set() cannot land
+                # between the expiry check and the delete and be lost.
+                del self._lru[key]
+                return NO_VALUE
+            return entry[1]
 
     def get_multi(self, keys: Iterable[KeyType]) -> Sequence[BackendFormatted]:
         return [self.get(k) for k in keys]
@@ -120,10 +126,11 @@ class RedisBackend(CacheBackend):
         self.breaker: CircuitBreaker = arguments.get("breaker") or CircuitBreaker()
         ttl = float(arguments.get("ttl", 600.0))
         self._ttl_for: Callable[[str], float] = arguments.get("ttl_for") or (lambda key: ttl)
+        self._on_corrupt: Callable[[str], object] | None = arguments.get("on_corrupt")
 
     def get_serialized(self, key: KeyType) -> SerializedReturnType:
         value = self.breaker.call(lambda: self.client.get(key), None)
-        return NO_VALUE if value is None else _as_bytes(value)
+        return self._checked(key, value)
 
     def get_serialized_multi(self, keys: Iterable[KeyType]) -> Sequence[SerializedReturnType]:
         wanted = list(keys)
@@ -132,7 +139,21 @@ class RedisBackend(CacheBackend):
         values = self.breaker.call(lambda: self.client.mget(wanted), None)
         if values is None:
             return [NO_VALUE] * len(wanted)
-        return [NO_VALUE if v is None else _as_bytes(v) for v in values]
+        # MGET answers one value per key: zip's lengths match.
+        return [self._checked(k, v) for k, v in zip(wanted, values)]  # noqa: B905
+
+    def _checked(self, key: KeyType, value: Any) -> SerializedReturnType:
+        # dogpile parses the metadata half of the value itself, outside any
+        # error handling, and then indexes it: anything else must not reach it.
+        if value is None:
+            return NO_VALUE
+        data = _as_bytes(value) if isinstance(value, (bytes, str)) else b""
+        if _is_dogpile_value(data):
+            return data
+        self.breaker.call(lambda: self.client.delete(key), None)
+        if self._on_corrupt is not None:
+            self._on_corrupt(str(key))
+        return NO_VALUE
 
     def set_serialized(self, key: KeyType, value: bytes) -> None:
         ms = int(self._ttl_for(key) * 1000)
@@ -151,12 +172,31 @@ class RedisBackend(CacheBackend):
         self.breaker.call(lambda: self.client.delete(key), None)
 
     def delete_multi(self, keys: Iterable[KeyType]) -> None:
-        if keys:
-            self.breaker.call(lambda: self.client.delete(*keys), None)
+        # A list, not the iterable: an empty generator is truthy, and DEL
+        # without keys is a command error.
+        wanted = list(keys)
+        if wanted:
+            self.breaker.call(lambda: self.client.delete(*wanted), None)
 
 
 def _as_bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
+
+
+def _is_dogpile_value(data: bytes) -> bool:
+    """Whether ``data`` looks like dogpile's ``{metadata json}|{payload}``."""
+    head, sep, _ = data.partition(b"|")
+    if not sep or not head.startswith(b"{") or len(head) > 200:
+        return False
+    try:
+        metadata = json.loads(head)
+    except (ValueError, RecursionError):
+        return False
+    return (
+        isinstance(metadata, dict)
+        and isinstance(metadata.get("ct"), (int, float))
+        and isinstance(metadata.get("v"), int)
+    )
 
 
 register_backend("orchestrator_data.lru", "orchestrator_data.cache.backends", "LRUBackend")  # type: ignore[no-untyped-call]

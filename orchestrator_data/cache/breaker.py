@@ -1,7 +1,13 @@
 """Circuit breaker in front of Redis.
 
-Closed: calls go through. The first call that fails (after the client's own
-retries) or one that has been in flight longer than ``slow_call`` opens it.
+Closed: calls go through. The first call that loses its connection or times
+out (after the client's own retries), or one that has been in flight longer
+than ``slow_call``, opens it. A command error (Redis answered, with an error:
+a key of the wrong type, an invalid expire, out of memory) is not an outage:
+the breaker stays closed, the call raises :class:`CommandError` (a kind of
+:class:`Unavailable`, so callers treat it as a miss or a dropped write), and
+it is counted in :attr:`CircuitBreaker.command_errors` and logged at most
+once per ``LOG_EVERY`` seconds.
 Open: calls are skipped at once, so a dead or hung Redis costs readers
 nothing and they never queue behind 5 s command timeouts. While open, a
 background thread runs ``probe`` (a PING with a short timeout) every
@@ -20,14 +26,28 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import ClusterDownError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("orchestrator_data.cache")
 
 T = TypeVar("T")
 
-#: Errors that mean "Redis is unavailable", as opposed to a bug of ours.
+#: Anything a Redis call can raise because of Redis (as opposed to a bug of ours).
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
+#: The errors that mean "Redis is down": the connection is lost or refused, a
+#: call timed out, the server says it is not serving (LOADING, CLUSTERDOWN).
+#: Only these open the breaker; any other RedisError is a command error.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    OSError,
+)
+
+#: Command errors are logged at most once per this many seconds.
+LOG_EVERY = 10.0
 
 CLOSED = "closed"
 OPEN = "open"
@@ -35,6 +55,15 @@ OPEN = "open"
 
 class Unavailable(Exception):
     """Raised by :meth:`CircuitBreaker.execute` when Redis may not be used."""
+
+
+class CommandError(Unavailable):
+    """Redis refused one command (it is up): the call's effect did not happen."""
+
+
+def is_outage(err: BaseException) -> bool:
+    """Whether ``err`` (raised by a Redis call) means Redis is down."""
+    return isinstance(err, OUTAGE_ERRORS)
 
 
 class CircuitBreaker:
@@ -64,6 +93,9 @@ class CircuitBreaker:
         self._tokens = itertools.count()
         self.opened = 0  # times opened, for metrics
         self.skipped = 0  # calls not made since the breaker last opened
+        self.command_errors = 0  # calls Redis refused (the breaker stayed closed)
+        self._command_logged_at = -LOG_EVERY
+        self._command_unlogged = 0
         self._stopped = threading.Event()
 
     @property
@@ -111,14 +143,36 @@ class CircuitBreaker:
         self._inflight[token] = time.monotonic()
         try:
             result = fn()
-        except REDIS_ERRORS as err:
+        except OUTAGE_ERRORS as err:
             self.trip(f"{type(err).__name__}: {err}")
             raise Unavailable(str(err)) from err
+        except RedisError as err:
+            self.command_failed(err)
+            if self._state != CLOSED and self._probe is None:
+                self._close()  # half-open: Redis answered, so it is up
+            raise CommandError(f"{type(err).__name__}: {err}") from err
         finally:
             self._inflight.pop(token, None)
         if self._state != CLOSED and self._probe is None:
             self._close()
         return result
+
+    def command_failed(self, err: BaseException) -> None:
+        """Count (and now and then log) a command Redis refused."""
+        self.command_errors += 1  # not atomic: a metric
+        now = time.monotonic()
+        if now - self._command_logged_at < LOG_EVERY:
+            self._command_unlogged += 1
+            return
+        unlogged, self._command_unlogged = self._command_unlogged, 0
+        self._command_logged_at = now
+        more = f" ({unlogged} more since the last report)" if unlogged else ""
+        log.warning(
+            "redis refused a cache command (%s: %s): treated as a miss%s",
+            type(err).__name__,
+            err,
+            more,
+        )
 
     def stop(self) -> None:
         """End the probing (the owner is closing)."""
@@ -169,6 +223,12 @@ class CircuitBreaker:
                         self._on_recover()
                 except REDIS_ERRORS as err:
                     log.debug("redis probe failed: %s", err)
+                except Exception:
+                    # The repair failed for another reason (PostgreSQL away
+                    # while the invalidation log is read): stay open, probe
+                    # again. The thread must survive, or nothing would
+                    # ever close the breaker.
+                    log.warning("cache recovery failed; retrying", exc_info=True)
                 else:
                     self._close()
         finally:

@@ -5,7 +5,8 @@ with the Redis-side invalidation) on ``cache:invalidations``; each process's
 subscriber drops the named L1 entries. While the subscription is down the
 process cannot know what others changed, so the cache calls ``on_down``
 (stop using L1) and, once subscribed again, ``on_up`` (flush L1, reload the
-generations) before L1 is used again.
+generations) before L1 is used again. An attempt that fails before the
+subscription was ever up calls ``on_unreachable``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Subscriber:
         on_message: Callable[[dict[str, Any]], None],
         on_up: Callable[[], None],
         on_down: Callable[[], None],
+        on_unreachable: Callable[[], None] = lambda: None,
         retry_interval: float = 1.0,
     ) -> None:
         self._client = client
@@ -43,6 +45,7 @@ class Subscriber:
         self._on_message = on_message
         self._on_up = on_up
         self._on_down = on_down
+        self._on_unreachable = on_unreachable
         self._retry_interval = retry_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,6 +91,8 @@ class Subscriber:
                 if self.up:
                     self.up = False
                     self._on_down()
+                elif not self._stop.is_set():
+                    self._on_unreachable()
                 with contextlib.suppress(*REDIS_ERRORS):
                     pubsub.close()
             self._stop.wait(self._retry_interval)
@@ -95,8 +100,8 @@ class Subscriber:
     def _dispatch(self, data: bytes) -> None:
         try:
             message = json.loads(data)
-        except ValueError:
-            log.warning("ignoring malformed cache invalidation message")
-            return
-        if isinstance(message, dict):
-            self._on_message(message)
+        except (ValueError, RecursionError):
+            message = None
+        # Not a JSON object: hand on an empty one, which the cache treats as
+        # malformed (it cannot know what was invalidated, so it flushes L1).
+        self._on_message(message if isinstance(message, dict) else {})

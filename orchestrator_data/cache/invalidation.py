@@ -20,6 +20,9 @@ DELETE_CASCADES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "agent": (("task", "achievement"), ("task",)),
 }
 
+#: Every cached entity (each has a generation).
+ENTITIES = ("agent", "task", "session", "achievement")
+
 #: Entities whose rows are cached under ``cache:{entity}:{id}``.
 ROW_CACHED = frozenset({"agent", "task", "session"})
 
@@ -34,6 +37,11 @@ class Targets:
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.generations or self.epochs)
+
+    @classmethod
+    def everything(cls) -> Targets:
+        """Every generation and epoch: voids every cached value."""
+        return cls(generations=set(ENTITIES), epochs=set(ROW_CACHED))
 
 
 def targets(items: Iterable[tuple[str, uuid.UUID | None, str]]) -> Targets:

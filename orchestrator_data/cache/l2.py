@@ -1,15 +1,25 @@
 """L2 operations of the repositories' read paths, beyond the dogpile API:
 epoch-checked row reads, generation-stamped values, and fenced fills.
 
-Row values are stored as ``{epoch}|{json}``; a value whose epoch is not the
-entity's current one (``cache:epoch:{entity}``) is void, which lets one
-counter bump drop every cached row of an entity without a SCAN.
+Row values are stored as ``{epoch}:{generation}|{json}``; a value whose
+epoch is not the entity's current one (``cache:epoch:{entity}``) is void,
+which lets one counter bump drop every cached row of an entity without a
+SCAN. The generation is the one the fill was fenced with: a value filled at
+or before a reader's fence is the row as of that fence (any change since
+would have deleted the key), one filled later may not be, and a read-only
+reader is told :data:`MOVED` instead (see views.py).
+
+A value that cannot be one of ours (garbage bytes, another JSON shape, a
+string where a count belongs, JSON nested too deeply, the row of another id)
+is a miss: counted in ``corrupt_values``, deleted, never raised, never
+returned.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+import uuid
+from typing import Any, Final
 
 from dogpile.cache.api import NO_VALUE
 from redis import Redis
@@ -24,6 +34,15 @@ from orchestrator_data.cache.serialization import Row, RowCodec
 from orchestrator_data.cache.stats import CacheStats
 
 log = logging.getLogger("orchestrator_data.cache")
+
+
+class _Moved:
+    def __repr__(self) -> str:
+        return "MOVED"
+
+
+#: What a row read answers a checked view when the row was filled after its fence.
+MOVED: Final = _Moved()
 
 
 class L2:
@@ -51,48 +70,75 @@ class L2:
         # nor hashed by Redis, on every fill.
         self._fill_sha: str | None = None
 
-    def read_row(self, codec: RowCodec[Any], key: str) -> Row | None:
-        """The row at ``key`` if it carries the entity's current epoch, else
-        None (one round trip: the value and the epoch in one MGET)."""
+    def read_row(
+        self, codec: RowCodec[Any], key: str, ident: uuid.UUID, fence: int | None = None
+    ) -> Row | _Moved | None:
+        """The row at ``key`` if it carries the entity's current epoch (and
+        is the row of ``ident``), else None. With ``fence`` (a checked view's
+        generation of the entity): :data:`MOVED` if the row was filled under
+        a later generation, so maybe after a change the fence predates. One
+        round trip: value and epoch in one MGET."""
         stats = self.stats
         client = self.client
         assert client is not None
-        epoch_key = self.keys.epoch(codec.entity)
-        found = self.breaker.call(lambda: client.mget(key, epoch_key), None)
-        if not found or found[0] is None or found[1] is None:
+        entity = codec.entity
+        epoch_key = self.keys.epoch(entity)
+        found: list[Any] = self.breaker.call(lambda: client.mget(key, epoch_key), [])
+        value, epoch = (found[0], found[1]) if len(found) == 2 else (None, None)
+        if not isinstance(value, bytes) or not isinstance(epoch, bytes):
             stats.l2_misses += 1
             return None
-        value, epoch = cast("tuple[bytes, bytes]", found)
+        # ``{epoch}:{generation}|{json}`` (``{epoch}|{json}`` before the
+        # generation was stamped: usable, but not by a checked view).
         sep = value.find(b"|")
-        if sep < 0 or value[:sep] != epoch:
+        head = value[:sep] if sep > 0 else b""
+        stamp, colon, filled_text = head.partition(b":")
+        if sep < 0 or stamp != epoch:
             stats.l2_misses += 1  # written before the last epoch bump: void
             return None
+        filled = int(filled_text) if colon and filled_text.isdigit() else None
+        if fence is not None:
+            if filled is None:
+                stats.l2_misses += 1
+                return None
+            if filled > fence:
+                return MOVED
         try:
             row = codec.loads(value[sep + 1 :])
-        except ValueError:
-            log.warning("ignoring a malformed cached %s at %s", codec.entity, key)
-            stats.l2_misses += 1
+            if codec.ident_of(row) != ident:
+                raise ValueError(f"the cached {entity} at {key} is another row")
+        except ValueError as err:
+            self.corrupt(key, err)
             return None
         stats.l2_hits += 1
         return row
 
     def read_value(self, key: str, codec: QueryCodec[Any]) -> Any:
-        """The L1 form of the query result at ``key``, or NO_VALUE."""
+        """The L1 form of the query result at ``key`` (whose name carries the
+        generation it belongs to), or NO_VALUE."""
         stats = self.stats
         client = self.client
         assert client is not None
-        raw = cast("bytes | None", self.breaker.call(lambda: client.get(key), None))
-        if raw is None:
+        raw = self.breaker.call(lambda: client.get(key), None)
+        if not isinstance(raw, bytes):
             stats.l2_misses += 1
             return NO_VALUE
         try:
             frozen = codec.from_json(serialization.loads(raw))
-        except ValueError:
-            log.warning("ignoring a malformed cached value at %s", key)
-            stats.l2_misses += 1
+        except ValueError as err:
+            self.corrupt(key, err)
             return NO_VALUE
         stats.l2_hits += 1
         return frozen
+
+    def corrupt(self, key: str, err: BaseException) -> None:
+        """Count, log and delete a value at ``key`` that cannot be ours."""
+        self.stats.l2_misses += 1
+        self.stats.corrupt_values += 1
+        log.warning("deleting a corrupt cache value at %s (%s)", key, err)
+        client = self.client
+        if client is not None:
+            self.breaker.call(lambda: client.delete(key), None)
 
     def fill_row(self, codec: RowCodec[Any], key: str, gen: int, row: Row) -> None:
         """Queue the fenced fill of ``row``: written only if the entity's
@@ -116,7 +162,7 @@ class L2:
             self.keys.epoch(entity),
             str(gen),
             codec.dumps(row),
-            int(self._row_ttl[entity] * 1000),
+            _ms(self._row_ttl[entity]),
             self._counter_ttl_ms,
             on_error=self._fill_refused,
         )
@@ -141,4 +187,9 @@ class L2:
         def on_reply(_: Any) -> None:
             stats.l2_fills += 1
 
-        self.filler.submit(on_reply, "SET", key, text, "PX", int(ttl * 1000))
+        self.filler.submit(on_reply, "SET", key, text, "PX", _ms(ttl))
+
+
+def _ms(seconds: float) -> int:
+    # PX 0 is a command error: never ask for less than a millisecond.
+    return max(1, int(seconds * 1000))

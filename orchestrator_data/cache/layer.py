@@ -16,8 +16,14 @@ How a read stays correct (see docs/caching.md for the user's version):
   and into L1 only if the local generation does (checked under the L1 lock,
   which invalidations also hold). A reader whose snapshot predates a commit
   therefore never re-inserts the row that commit replaced.
+- *One state per read-only unit of work*: at REPEATABLE READ and
+  SERIALIZABLE, cached reads and the database snapshot never disagree; a
+  commit that lands between a cached read and the snapshot raises the
+  retryable ReadSkewError (views.py).
 - *Coherence*: other processes learn of invalidations from pub/sub; while the
   subscription is down, or the breaker is open, the cache is not used at all.
+  What Redis could not take is logged in PostgreSQL and delivered by the
+  first process to reach Redis again (journal.py).
 """
 
 from __future__ import annotations
@@ -25,46 +31,48 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import redis as redis_lib
-from dogpile.cache.api import NO_VALUE
 from redis import Redis
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as OrmSession
 
-from orchestrator_data.cache import serialization
 from orchestrator_data.cache.backends import LRUBackend, RedisBackend
-from orchestrator_data.cache.breaker import CLOSED, CircuitBreaker
+from orchestrator_data.cache.breaker import CircuitBreaker
 from orchestrator_data.cache.broadcast import Subscriber
-from orchestrator_data.cache.coherence import Coherence, Fence
+from orchestrator_data.cache.coherence import Coherence
 from orchestrator_data.cache.filler import Filler
-from orchestrator_data.cache.keys import Keys, digest
+from orchestrator_data.cache.invalidation import targets
+from orchestrator_data.cache.journal import InvalidationLog, Sweeper, namespace
+from orchestrator_data.cache.keys import Keys
 from orchestrator_data.cache.l2 import L2
-from orchestrator_data.cache.query_codecs import QueryCodec, RowsCodec
+from orchestrator_data.cache.query_codecs import RowsCodec
+from orchestrator_data.cache.reads import INFO_FENCE, ReadThrough
 from orchestrator_data.cache.regions import CacheRegions
-from orchestrator_data.cache.serialization import Row, RowCodec
+from orchestrator_data.cache.serialization import RowCodec
 from orchestrator_data.cache.stats import CacheStats
-from orchestrator_data.capture.change_capture import has_written
-from orchestrator_data.capture.session_info import INFO_READ_ONLY
+from orchestrator_data.cache.views import ReadView
+from orchestrator_data.capture.change_capture import Change, ChangeCapture
 from orchestrator_data.config import Settings
 from orchestrator_data.models import Achievement, Agent, Base, Session, Task
 
 log = logging.getLogger("orchestrator_data.cache")
 
-#: ``Session.info`` keys.
+#: ``Session.info`` keys (INFO_FENCE: see reads.py).
 INFO_CACHE = "orchestrator_data.cache"
-INFO_FENCE = "orchestrator_data.cache.fence"
+#: Set by flushes whose invalidations went to the durable log / did not.
+INFO_LOGGED = "orchestrator_data.cache.logged"
+INFO_UNLOGGED = "orchestrator_data.cache.unlogged"
 
 ROW_MODELS: dict[str, type[Base]] = {"agent": Agent, "task": Task, "session": Session}
 
-ModelT = TypeVar("ModelT", bound=Base)
-Q = TypeVar("Q")
 
-
-class Cache:
+class Cache(ReadThrough):
     """``dl.cache``: the cache of one DataLayer. Built and started by the
-    DataLayer; the repositories reach it through ``Session.info``."""
+    DataLayer; the repositories reach it through ``Session.info``. Its read
+    paths (``get_row``, ``get_query``) are in reads.py."""
 
     def __init__(
         self,
@@ -119,7 +127,12 @@ class Cache:
                 "ttl_for": self._l1_ttl_for,
                 "admit": self.coherence.admit,
             },
-            l2={"client": client, "breaker": self.breaker, "ttl_for": self._l2_ttl_for},
+            l2={
+                "client": client,
+                "breaker": self.breaker,
+                "ttl_for": self._l2_ttl_for,
+                "on_corrupt": self._corrupt,
+            },
         )
         self.l1: LRUBackend = cast(LRUBackend, self.regions.l1.backend)
         self.l2: RedisBackend | None = (
@@ -137,14 +150,34 @@ class Cache:
             counter_ttl_ms=self._counter_ttl_ms,
         )
         self._subscriber: Subscriber | None = None
+        self._sweeper: Sweeper | None = None
 
     # -- lifecycle -------------------------------------------------------------
+
+    def install(self, changes: ChangeCapture, engine: Engine) -> None:
+        """Give the cache its database (call before :meth:`start`; idempotent).
+        Commits flushed while this process cannot invalidate log their
+        invalidations in ``cache_invalidations`` inside the committing
+        transaction (a flush hook on ``changes``); the log is delivered and
+        cleared on (re)subscribing, on each probe of the breaker and every
+        ``cache_probe_interval`` (journal.py)."""
+        if not self.enabled or self.coherence.journal is not None:
+            return
+        s = self.settings
+        self.coherence.journal = InvalidationLog(engine, namespace(s.redis_url, s.key_prefix))
+        changes.on_flush(self._log_flush, values=False)
+        self._sweeper = Sweeper(self.coherence.sweep, s.cache_probe_interval)
+        self.coherence.wake_sweeper = self._sweeper.wake
+        if self._subscriber is not None:
+            self._sweeper.start()
 
     def start(self) -> None:
         """Subscribe to invalidations (in the background). Until subscribed,
         reads go to PostgreSQL."""
         if not self.enabled or self._subscriber is not None:
             return
+        if self._sweeper is not None:
+            self._sweeper.start()
         s = self.settings
         assert s.redis_url is not None
         self._probe_client = redis_lib.Redis.from_url(
@@ -164,6 +197,7 @@ class Cache:
             on_message=self.coherence.on_message,
             on_up=self.coherence.on_up,
             on_down=self.coherence.on_down,
+            on_unreachable=self.coherence.on_unreachable,
             retry_interval=s.cache_probe_interval,
         )
         self._subscriber.start()
@@ -188,6 +222,8 @@ class Cache:
         self._closed = True
         self.coherence.ready = False
         self.breaker.stop()
+        if self._sweeper is not None:
+            self._sweeper.stop()
         if self._subscriber is not None:
             self._subscriber.stop()
         self._filler.stop()
@@ -206,155 +242,19 @@ class Cache:
         # (other listeners' included), so before its snapshot: every
         # generation recorded here belongs to a commit the snapshot sees.
         if transaction.parent is not None:
-            return  # a savepoint keeps its transaction's fence
+            return  # a savepoint keeps its transaction's view
         coherence = self.coherence
         usable = coherence.ready and self.breaker.allow()
-        session.info[INFO_FENCE] = dict(coherence.generations) if usable else None
+        info = session.info
+        info[INFO_FENCE] = ReadView(dict(coherence.generations) if usable else None)
+        # Left by a transaction that rolled back.
+        info.pop(INFO_LOGGED, None)
+        info.pop(INFO_UNLOGGED, None)
 
     def after_transaction_end(self, session: OrmSession, transaction: Any) -> None:
         # One write for all the fills the transaction's misses queued.
         if transaction.parent is None:
             self._filler.flush()
-
-    def fence_for(self, session: OrmSession, cached: bool | None) -> Fence | None:
-        """The fence of ``session``'s transaction if this read may use the
-        cache, else None. ``cached``: None = the unit of work decides (read-only
-        ones use the cache), True / False = the caller does."""
-        info = session.info
-        read_only = info.get(INFO_READ_ONLY)
-        if cached is None:
-            if not read_only:
-                return None
-        elif not cached:
-            return None
-        fence: Fence | None = info.get(INFO_FENCE)
-        if fence is None or not self.coherence.ready or self.breaker._state != CLOSED:
-            return None
-        if not read_only and (
-            has_written(session) or session.new or session.deleted or session.dirty
-        ):
-            # The transaction has written (or is about to, at the next
-            # autoflush): its reads must see its own writes, from PostgreSQL.
-            return None
-        return fence
-
-    # -- reads -------------------------------------------------------------------
-
-    def get_row(
-        self,
-        session: OrmSession,
-        model: type[ModelT],
-        ident: uuid.UUID,
-        *,
-        cached: bool | None = None,
-    ) -> ModelT | None:
-        """Read-through ``session.get(model, ident)``: L1, then L2, then
-        PostgreSQL. Concurrent misses of one key in this process wait for one
-        database read (dogpile's lock)."""
-        stats = self.stats_counters
-        entity = model.__entity__
-        fence = self.fence_for(session, cached)
-        gen = fence.get(entity) if fence is not None else None
-        if gen is None:
-            stats.bypassed += 1
-            return session.get(model, ident)
-        codec: RowCodec[ModelT] = self.codecs[entity]
-        # L1 keys rows by (entity, id as int): no string formatting and no
-        # Python-level UUID.__hash__ on a hit.
-        local = (entity, ident.int)
-        found = self.l1.get(local)  # type: ignore[arg-type]
-        if found is not NO_VALUE:
-            stats.l1_hits += 1
-            return codec.hydrate(found.payload[2])
-        stats.l1_misses += 1
-        key = self.keys.entity(entity, ident)
-        # L2 outside the lock: an L2 hit costs one round trip and no locking.
-        row = self.l2_ops.read_row(codec, key)
-        if row is not None:
-            self.regions.l1.set(local, (entity, gen, row))  # type: ignore[arg-type]
-            return codec.hydrate(row)
-        loaded: list[ModelT | None] = []
-
-        def load() -> tuple[str, int, Row] | None:
-            # Under dogpile's per-key lock: concurrent misses wait for this
-            # one read and then find its row in L1.
-            stats.loads += 1
-            obj = session.get(model, ident)
-            loaded.append(obj)
-            if obj is None:
-                return None
-            loaded_row = codec.from_instance(obj)
-            self.l2_ops.fill_row(codec, key, gen, loaded_row)
-            return (entity, gen, loaded_row)
-
-        value = self.regions.l1.get_or_create(
-            local,  # type: ignore[arg-type]
-            load,
-            should_cache_fn=_is_not_none,
-        )
-        if loaded:
-            return loaded[0]
-        if value is None:
-            return None
-        return codec.hydrate(value[2])
-
-    def get_query(
-        self,
-        session: OrmSession,
-        entity: str,
-        parts: Sequence[Any],
-        load: Callable[[], Q],
-        codec: QueryCodec[Q],
-        *,
-        cached: bool | None = None,
-    ) -> Q:
-        """Read-through query result under ``cache:query:{entity}:{generation}:{hash}``:
-        any committed write of ``entity`` moves its generation, so the result
-        is never served after one."""
-        fence = self.fence_for(session, cached)
-        gen = fence.get(entity) if fence is not None else None
-        if gen is None:
-            self.stats_counters.bypassed += 1
-            return load()
-        key = self.keys.query(entity, gen, digest(*parts))
-        return self._through(key, entity, gen, load, codec, self._l2_ttl["query"])
-
-    def _through(
-        self,
-        key: str,
-        entity: str,
-        gen: int,
-        load: Callable[[], Q],
-        codec: QueryCodec[Q],
-        ttl: float,
-    ) -> Q:
-        stats = self.stats_counters
-        found = self.l1.get(key)
-        if found is not NO_VALUE:
-            stats.l1_hits += 1
-            return codec.from_l1(found.payload[2])
-        stats.l1_misses += 1
-        frozen = self.l2_ops.read_value(key, codec)
-        if frozen is not NO_VALUE:
-            self.regions.l1.set(key, (entity, gen, frozen))
-            hit: Q = codec.from_l1(frozen)
-            return hit
-        loaded: list[Q] = []
-
-        def create() -> tuple[str, int, Any]:
-            stats.loads += 1
-            value = load()
-            loaded.append(value)
-            fresh = codec.to_l1(value)
-            text = serialization.dumps(codec.to_json(fresh))
-            self.l2_ops.fill_plain(key, text, ttl)
-            return (entity, gen, fresh)
-
-        cv = self.regions.l1.get_or_create(key, create)
-        if loaded:
-            return loaded[0]
-        result: Q = codec.from_l1(cv[2])
-        return result
 
     # -- L1 --------------------------------------------------------------------------
 
@@ -382,7 +282,36 @@ class Cache:
     def on_commit(self, session: OrmSession, changes: Sequence[Any]) -> None:
         """Change-capture subscriber: invalidate what a committed transaction
         changed (``Change.entity`` / ``.ident`` / ``.action``)."""
-        self.coherence.invalidate((c.entity, c.ident, c.action) for c in changes)
+        info = session.info
+        logged = info.pop(INFO_LOGGED, False)
+        unlogged = info.pop(INFO_UNLOGGED, False)
+        self.coherence.invalidate(
+            ((c.entity, c.ident, c.action) for c in changes), logged=logged and not unlogged
+        )
+
+    def _log_flush(self, session: OrmSession, flushed: Sequence[Change]) -> None:
+        # Inside the transaction, after its changes reached the database. The
+        # normal path costs one check; while this process cannot invalidate,
+        # the invalidations go into the committing transaction, so they exist
+        # exactly when the commit does, whatever happens to this process.
+        info = session.info
+        journal = self.coherence.journal
+        if journal is None or self.coherence.can_invalidate:
+            info[INFO_UNLOGGED] = True
+            return
+        t = targets((c.entity, c.ident, c.action) for c in flushed)
+        if not t:
+            return
+        connection = session.connection()
+        if not journal.available_on(connection):
+            info[INFO_UNLOGGED] = True
+            return
+        journal.record(connection, t)
+        self.stats_counters.invalidations_logged += 1
+        info[INFO_LOGGED] = True
+
+    def _corrupt(self, key: str) -> None:
+        self.stats_counters.corrupt_values += 1
 
     def invalidate_all(self) -> None:
         """Void every cached value of this key prefix, in every process."""
@@ -395,8 +324,10 @@ class Cache:
     # -- manual and metrics ------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters (hits / misses per level, fills, invalidations, broadcast
-        lag), ``hit_ratio``, and the state of breaker, subscription and L1."""
+        """Counters (hits / misses per level, fills, invalidations, logged and
+        replayed invalidations, corrupt values, command errors, read skews,
+        broadcast lag), ``hit_ratio``, and the state of breaker, subscription
+        and L1."""
         data = self.stats_counters.as_dict()
         data["breaker"] = self.breaker.state
         data["breaker_opened"] = self.breaker.opened
@@ -404,8 +335,5 @@ class Cache:
         data["l1_entries"] = len(self.l1)
         data["l1_max_entries"] = self.l1.max_entries
         data["fills_dropped"] = self._filler.dropped
+        data["command_errors"] = self.breaker.command_errors
         return data
-
-
-def _is_not_none(value: Any) -> bool:
-    return value is not None

@@ -24,7 +24,12 @@ class QueryCodec(Protocol[Q]):
 
 
 class ScalarCodec:
-    """A JSON scalar (a count, a sum): immutable as it is."""
+    """A number (a count): immutable as it is. ``types`` are the exact types
+    a cached value may have; anything else in L2 (a string where a count
+    belongs, a boolean) is refused as corrupt."""
+
+    def __init__(self, types: tuple[type, ...] = (int,)) -> None:
+        self.types = types
 
     def to_l1(self, value: Any) -> Any:
         return value
@@ -36,7 +41,7 @@ class ScalarCodec:
         return frozen
 
     def from_json(self, data: Any) -> Any:
-        if not isinstance(data, (int, float, str)) or isinstance(data, bool):
+        if type(data) not in self.types:
             raise ValueError("malformed cached scalar")
         return data
 
@@ -68,4 +73,5 @@ class RowsCodec(Generic[ModelT]):
         return serialization.rows_from_json(self.codec, data[0]), cursor
 
 
-SCALAR = ScalarCodec()
+#: Counts (``Repository.count``): integers only.
+SCALAR = ScalarCodec((int,))

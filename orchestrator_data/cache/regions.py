@@ -4,7 +4,7 @@ reads settings at import).
 
 ``l1``: ``orchestrator_data.lru``, the in-process bounded LRU.
 ``l2``: ``orchestrator_data.redis``, Redis, values through a JSON
-serializer (never pickle).
+serializer (never pickle); a value that does not decode is a miss.
 
 A DataLayer declares a fresh pair unless given one, so several DataLayers in
 one process (tests, tools) never share entries. An application that wants to
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dogpile.cache import CacheRegion, make_region
+from dogpile.cache.api import CantDeserializeException
 
 import orchestrator_data.cache.backends  # noqa: F401 - registers the backends
 from orchestrator_data.cache import serialization
@@ -29,7 +30,10 @@ def _serialize(value: Any) -> bytes:
 
 
 def _deserialize(data: bytes) -> Any:
-    return serialization.loads(data)
+    try:
+        return serialization.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise CantDeserializeException() from err  # dogpile: a miss
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,20 @@ Hydration builds a detached instance with the class manager's
 ``new_instance()`` and fills its ``__dict__`` directly: no ``__init__``, no
 attribute events, no history, which is what makes an L1 hit cost a few
 microseconds instead of the ~15 us of a constructor call.
+
+An L2 value is checked before it becomes an L1 row: the number of columns,
+each column's Python type as its ``Mapped[...]`` annotation says (``None``
+only where the column is nullable, aware datetimes for ``timezone=True``),
+and the nesting depth of JSON values. Anything else (garbage, another shape,
+JSON nested deeper than :data:`MAX_JSON_DEPTH`) is a ``ValueError``, which
+the readers count as a corrupt value and treat as a miss.
 """
 
 from __future__ import annotations
 
 import json
+import types
+import typing
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -41,6 +50,15 @@ _PLAIN, _UUID, _DATETIME, _JSON = 0, 1, 2, 3
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _loads = json.loads
+
+#: JSON values nested deeper than this are refused when read from L2: the
+#: copies made at every hydration recurse, and must never hit Python's
+#: recursion limit.
+MAX_JSON_DEPTH = 200
+
+#: (position, the exact types a column's value may have, NoneType included
+#: where it is nullable), for the columns whose type is known.
+_Check = tuple[int, frozenset[type]]
 
 
 def _kind(column_type: Any) -> int:
@@ -71,6 +89,7 @@ class RowCodec(Generic[ModelT]):
         self._json_keys = tuple(self.keys[i] for i in self._json_positions)
         self._new_instance = mapper.class_manager.new_instance
         self._identity_class = mapper.identity_key_from_primary_key((uuid.UUID(int=0),))[0]
+        self._type_checks, self._aware_positions = _column_checks(model, mapper)
 
     # -- instance <-> L1 ------------------------------------------------------
 
@@ -108,12 +127,14 @@ class RowCodec(Generic[ModelT]):
 
     def loads(self, text: str | bytes) -> Row:
         """The L1 row of an L2 value; ValueError if it is not one of ours."""
-        return self.from_json(_loads(text))
+        return self.from_json(loads(text))
 
     def to_json(self, row: Row) -> list[Any]:
         return [_to_json(v, kind) for v, kind in zip(row, self.kinds)]  # noqa: B905
 
     def from_json(self, values: Any) -> Row:
+        """The L1 row of decoded L2 JSON; ValueError unless every column has
+        the type its model declares."""
         if not isinstance(values, list) or len(values) != len(self.kinds):
             raise ValueError(f"not a cached {self.entity} row")
         # Convert only the columns that need it (this is the L2-hit path).
@@ -128,6 +149,17 @@ class RowCodec(Generic[ModelT]):
                     values[i] = datetime.fromisoformat(v)
         except (TypeError, AttributeError) as err:
             raise ValueError(f"not a cached {self.entity} row") from err
+        for i, accepted in self._type_checks:
+            if type(values[i]) not in accepted:
+                raise ValueError(f"not a cached {self.entity} row ({self.keys[i]})")
+        for i in self._aware_positions:
+            v = values[i]
+            if v is not None and v.tzinfo is None:
+                raise ValueError(f"not a cached {self.entity} row ({self.keys[i]})")
+        for i in self._json_positions:
+            v = values[i]
+            if type(v) in _CONTAINERS and _too_deep(v):
+                raise ValueError(f"cached {self.entity} {self.keys[i]} nested too deeply")
         return tuple(values)
 
 
@@ -149,6 +181,65 @@ def copy_json(value: Any) -> Any:
 _CONTAINERS = (dict, list)
 
 
+def _too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON container ``value`` nests containers deeper than ``limit``
+    (iterative; a flat container, the usual case, costs one pass)."""
+    children = value.values() if type(value) is dict else value
+    stack = [(c, 2) for c in children if type(c) in _CONTAINERS]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = v.values() if type(v) is dict else v
+        stack.extend((c, depth + 1) for c in children if type(c) in _CONTAINERS)
+    return False
+
+
+def _column_checks(
+    model: type[Base], mapper: Mapper[Any]
+) -> tuple[tuple[_Check, ...], tuple[int, ...]]:
+    """The type check of every column whose ``Mapped[...]`` annotation names
+    its type, and the positions of ``timezone=True`` datetimes."""
+    try:
+        hints = typing.get_type_hints(model)
+    except (NameError, TypeError):  # pragma: no cover - an unresolvable annotation
+        hints = {}
+    checks: list[_Check] = []
+    aware: list[int] = []
+    for i, attr in enumerate(mapper.column_attrs):
+        column = attr.columns[0]
+        inner = typing.get_args(hints.get(attr.key)) or (Any,)
+        allowed, nullable = _accepted(inner[0])
+        if allowed is not None:
+            none = (type(None),) if nullable or column.nullable else ()
+            checks.append((i, frozenset((*allowed, *none))))
+        if isinstance(column.type, DateTime) and column.type.timezone:
+            aware.append(i)
+    return tuple(checks), tuple(aware)
+
+
+def _accepted(hint: Any) -> tuple[tuple[type, ...] | None, bool]:
+    """(exact types accepted, None allowed) for a ``Mapped[...]`` argument."""
+    if hint is Any:
+        return None, True
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        nullable = len(options) < len(typing.get_args(hint))
+        accepted: list[type] = []
+        for option in options:
+            sub, _ = _accepted(option)
+            if sub is None:
+                return None, True
+            accepted.extend(sub)
+        return tuple(accepted), nullable
+    origin = typing.get_origin(hint) or hint
+    if origin is float:
+        return (float, int), False
+    if isinstance(origin, type):
+        return (origin,), False
+    return None, True
+
+
 def _to_json(value: Any, kind: int) -> Any:
     if value is None or kind in (_PLAIN, _JSON):
         return value
@@ -164,7 +255,12 @@ def dumps(value: Any) -> str:
 
 
 def loads(text: str | bytes) -> Any:
-    return _loads(text)
+    """Decoded JSON; ValueError for anything that is not JSON (deeply nested
+    arrays included, which the decoder would refuse with RecursionError)."""
+    try:
+        return _loads(text)
+    except RecursionError as err:
+        raise ValueError("JSON nested too deeply") from err
 
 
 def rows_to_json(codec: RowCodec[Any], rows: Sequence[Row]) -> list[list[Any]]:

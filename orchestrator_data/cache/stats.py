@@ -31,6 +31,16 @@ class CacheStats:
     invalidations: int = 0
     #: Invalidations that could not reach Redis (repaired on recovery).
     invalidations_lost: int = 0
+    #: Invalidations written to PostgreSQL's cache_invalidations log because
+    #: Redis could not take them (see journal.py).
+    invalidations_logged: int = 0
+    #: Logged invalidations delivered to Redis (by any process) and cleared.
+    invalidations_replayed: int = 0
+    #: L2 values that could not be ours (garbage, wrong shape or type): deleted, missed.
+    corrupt_values: int = 0
+    #: Read-only units of work stopped because a cached read and the
+    #: database snapshot could disagree (ReadSkewError, retried).
+    read_skews: int = 0
     broadcasts_sent: int = 0
     broadcasts_received: int = 0
     broadcast_lag_last: float = 0.0
@@ -82,6 +92,11 @@ class CacheCollector(Collector):
             "fills_refused",
             "invalidations",
             "invalidations_lost",
+            "invalidations_logged",
+            "invalidations_replayed",
+            "corrupt_values",
+            "command_errors",
+            "read_skews",
             "broadcasts_sent",
             "broadcasts_received",
         ):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
@@ -61,6 +62,10 @@ HEALTH_CHECK_INTERVAL = 5.0
 
 #: A message ready to publish: (channel key, JSON text).
 Encoded = tuple[str, str]
+
+
+#: How long the sender waits for more committed messages before it sends (s).
+COALESCE = 0.005
 
 
 class Events:
@@ -156,6 +161,14 @@ class Events:
                 self._wake.wait_for(lambda: bool(self._queue) or self._closing)
                 if not self._queue:
                     return  # closing, and nothing left
+                closing = self._closing
+            if not closing:
+                # Let the commits of the next moment join this batch: one
+                # wake-up and one round trip for many commits, instead of a
+                # thread switch that competes with the committing threads for
+                # every one of them.
+                time.sleep(COALESCE)
+            with self._wake:
                 # Whatever has queued up goes in one round trip.
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), 1000))]
             try:

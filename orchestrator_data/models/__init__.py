@@ -1,5 +1,6 @@
-"""Declarative models of the five tables; importing this registers every
-table and index on ``Base.metadata``.
+"""Declarative models of the tables (the five of the design, and the cache's
+invalidation log); importing this registers every table and index on
+``Base.metadata``.
 
 May import: nothing.
 """
@@ -12,6 +13,7 @@ from orchestrator_data.models.achievement import (
 from orchestrator_data.models.agent import AGENT_STATUSES, Agent
 from orchestrator_data.models.audit_log import AUDIT_ACTIONS, AuditLog
 from orchestrator_data.models.base import Base, to_dict
+from orchestrator_data.models.cache_invalidation import CacheInvalidation
 from orchestrator_data.models.indexes import AGENT_SEARCH_DOCUMENT, TASK_SEARCH_DOCUMENT
 from orchestrator_data.models.lock_fence import LockFence
 from orchestrator_data.models.session import Session
@@ -38,6 +40,7 @@ __all__ = [
     "Agent",
     "AuditLog",
     "Base",
+    "CacheInvalidation",
     "LockFence",
     "Session",
     "Task",

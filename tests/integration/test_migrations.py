@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 #: The newest migration, and the one before it.
-HEAD, PREVIOUS = "007", "006"
+HEAD, PREVIOUS = "008", "007"
 
 
 def _tables(dl: DataLayer) -> set[str]:
@@ -39,6 +39,7 @@ def test_upgrade_downgrade_upgrade_and_no_drift(empty_database: str) -> None:
             "audit_logs",
             "achievements",
             "lock_fences",
+            "cache_invalidations",
         }
         dl.downgrade("base")
         assert dl.current_revision() is None
